@@ -1,0 +1,311 @@
+"""The property matrix: every registered method against the same invariants."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from method_cases import CASES
+
+IDS = [case.name for case in CASES]
+STEPS = 3
+
+
+def make_params(dtype=jnp.float32):
+  return {
+      "trunk": {"w": jnp.zeros((8, 4), dtype), "b": jnp.zeros((4,), dtype)},
+      "head": jnp.zeros((4, 2), dtype),
+  }
+
+
+def random_grads(num_tasks, seed=0, dtype=jnp.float32, scale=1.0):
+  params = make_params()
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  stacked = [scale * jax.random.normal(k, (num_tasks,) + l.shape)
+             for k, l in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, [s.astype(dtype) for s in stacked])
+
+
+def extra_args(num_tasks, step=0):
+  # Positive losses that change over steps, KPIs in (0, 1].
+  losses = jnp.linspace(1.0, 2.0, num_tasks) / (1.0 + 0.5 * step)
+  kpis = jnp.linspace(0.3, 0.9, num_tasks)
+  return {"losses": losses, "kpis": kpis}
+
+
+def run(tx, grads_per_step, params, num_tasks):
+  state = tx.init(params)
+  outputs = []
+  for step, grads in enumerate(grads_per_step):
+    out, state = tx.update(grads, state, params, **extra_args(num_tasks, step))
+    outputs.append(out)
+  return outputs, state
+
+
+def expected_shapes(case, params, task_grads):
+  reference = params if case.kind == "aggregator" else task_grads
+  return jax.tree.map(lambda x: (x.shape, x.dtype), reference)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_output_shapes_and_dtypes(case, dtype):
+  num_tasks = 3
+  params = make_params(dtype)
+  grads = random_grads(num_tasks, dtype=dtype)
+  (out,), _ = run(case.make(num_tasks), [grads], params, num_tasks)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), out) == expected_shapes(
+      case, params, grads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_jit_matches_eager(case):
+  num_tasks = 3
+  params = make_params()
+  tx = case.make(num_tasks)
+  grads = [random_grads(num_tasks, seed=s) for s in range(STEPS)]
+  eager, eager_state = run(tx, grads, params, num_tasks)
+
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step, (g, ref) in enumerate(zip(grads, eager)):
+    out, state = update(g, state, params, **extra_args(num_tasks, step))
+    chex_close(out, ref)
+  chex_close(state, eager_state)
+
+
+def chex_close(a, b, rtol=1e-5, atol=1e-6):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind in "fc" or x.dtype.name == "bfloat16":
+      np.testing.assert_allclose(x.astype(np.float64), y.astype(np.float64),
+                                 rtol=rtol, atol=atol)
+    else:
+      np.testing.assert_array_equal(x, y)
+
+
+def degenerate_inputs():
+  base = random_grads(1, seed=7)
+  tile = lambda tree, signs: jax.tree.map(
+      lambda g: jnp.concatenate([s * g for s in signs]), tree)
+  return {
+      "zero": (3, jax.tree.map(jnp.zeros_like, random_grads(3))),
+      "identical": (3, tile(base, [1.0, 1.0, 1.0])),
+      "opposite": (2, tile(base, [1.0, -1.0])),
+      "one_task": (1, base),
+      "tiny": (3, random_grads(3, scale=1e-20)),
+      "huge": (3, random_grads(3, scale=1e20)),
+      "mixed_scales": (2, jax.tree.map(
+          lambda a, b: jnp.concatenate([1e-20 * a, 1e20 * b]),
+          random_grads(1, seed=1), random_grads(1, seed=2))),
+      "bfloat16": (3, random_grads(3, dtype=jnp.bfloat16)),
+  }
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("kind", list(degenerate_inputs()))
+def test_finite_on_degenerate_inputs(case, kind):
+  num_tasks, grads = degenerate_inputs()[kind]
+  params = make_params()
+  outs, state = run(case.make(num_tasks), [grads] * STEPS, params, num_tasks)
+  for leaf in jax.tree.leaves((outs, state)):
+    leaf = np.asarray(leaf)
+    if leaf.dtype.kind == "f" or leaf.dtype.name == "bfloat16":
+      assert np.all(np.isfinite(leaf.astype(np.float64))), (kind, leaf)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_state_is_stable_pytree_of_arrays(case):
+  num_tasks = 3
+  params = make_params()
+  tx = case.make(num_tasks)
+  state = tx.init(params)
+  signature = lambda s: (jax.tree.structure(s), [
+      (np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(s)])
+  first = signature(state)
+  for step in range(STEPS):
+    _, state = tx.update(random_grads(num_tasks, seed=step), state, params,
+                         **extra_args(num_tasks, step))
+    assert signature(state) == first
+  for leaf in jax.tree.leaves(state):
+    assert isinstance(leaf, (jax.Array, np.ndarray)), type(leaf)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_unknown_extra_arguments_are_ignored(case):
+  num_tasks = 2
+  params = make_params()
+  tx = case.make(num_tasks)
+  grads = random_grads(num_tasks)
+  state = tx.init(params)
+  plain, _ = tx.update(grads, state, params, **extra_args(num_tasks))
+  noisy, _ = tx.update(grads, state, params, step_name="x", batch_stats=3,
+                       **extra_args(num_tasks))
+  chex_close(plain, noisy)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_chains_with_optax_under_jit(case):
+  num_tasks = 3
+  params = make_params()
+  tail = optax.chain(case.make(num_tasks), optax.adam(1e-2))
+  if case.kind == "scaling":
+    import optax_mtl as mtl
+    tail = optax.chain(case.make(num_tasks), mtl.sum(), optax.adam(1e-2))
+  state = tail.init(params)
+
+  @jax.jit
+  def step(params, state, grads, extras):
+    updates, state = tail.update(grads, state, params, **extras)
+    return optax.apply_updates(params, updates), state
+
+  for s in range(STEPS):
+    params, state = step(params, state, random_grads(num_tasks, seed=s),
+                         extra_args(num_tasks, s))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  assert any(np.any(x != 0) for x in jax.tree.leaves(params))
+
+
+# --- the errors of the per-task gradient contract --------------------------
+
+
+def _update(case, grads, num_tasks=3, **overrides):
+  params = make_params()
+  tx = case.make(num_tasks)
+  kwargs = {**extra_args(num_tasks), **overrides}
+  return tx.update(grads, tx.init(params), params, **kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_error_leaf_without_task_axis(case):
+  grads = random_grads(3)
+  grads["trunk"]["b"] = jnp.zeros((4,))  # the parameter shape, no task axis
+  with pytest.raises(ValueError, match=r"\['trunk'\]\['b'\].*leading axis 4"):
+    _update(case, grads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_error_scalar_leaf(case):
+  grads = random_grads(3)
+  grads["trunk"]["b"] = jnp.zeros(())
+  with pytest.raises(ValueError, match=r"\['trunk'\]\['b'\].*scalar"):
+    _update(case, grads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_error_leaves_disagree_on_task_count(case):
+  grads = random_grads(3)
+  grads["head"] = jnp.zeros((2, 4, 2))
+  with pytest.raises(ValueError, match=r"\['head'\].*leading axis 2.*has 3.*same leading task axis"):
+    _update(case, grads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_error_losses_of_wrong_length(case):
+  # Leaves agree with each other; losses name a different T.
+  with pytest.raises(ValueError, match=r"leading axis 3.*losses has 4 entries"):
+    _update(case, random_grads(3), losses=jnp.ones(4))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_error_integer_leaf(case):
+  grads = random_grads(3)
+  grads["trunk"]["w"] = jnp.zeros((3, 8, 4), jnp.int32)
+  with pytest.raises(ValueError, match=r"\['trunk'\]\['w'\].*int32.*floating point"):
+    _update(case, grads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_error_losses_not_a_vector(case):
+  with pytest.raises(ValueError, match=r"losses must be a vector of shape \(T,\)"):
+    _update(case, random_grads(3), losses=jnp.ones((3, 1)))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "losses" in c.needs],
+                         ids=[c.name for c in CASES if "losses" in c.needs])
+def test_error_missing_losses(case):
+  with pytest.raises(TypeError, match=r"needs the per-task losses.*losses="):
+    _update(case, random_grads(3), losses=None)
+
+
+# --- shared mask --------------------------------------------------------------
+
+AGGREGATORS = [c for c in CASES if c.kind == "aggregator"]
+
+
+@pytest.mark.parametrize("case", AGGREGATORS, ids=[c.name for c in AGGREGATORS])
+@pytest.mark.parametrize("as_callable", [False, True])
+def test_heads_are_summed_over_tasks(case, as_callable):
+  num_tasks = 3
+  params = make_params()
+  mask = {"trunk": True, "head": False}  # a prefix of the parameter tree
+  tx = case.make(num_tasks)
+  masked = _with_shared(case, num_tasks, (lambda p: mask) if as_callable else mask)
+  grads = random_grads(num_tasks)
+  out, _ = masked.update(grads, masked.init(params), params, **extra_args(num_tasks))
+  np.testing.assert_allclose(out["head"], grads["head"].sum(0), rtol=1e-6)
+  # The shared leaves do not depend on the heads' gradients.
+  other = dict(grads, head=10.0 * grads["head"])
+  out2, _ = masked.update(other, masked.init(params), params, **extra_args(num_tasks))
+  chex_close(out["trunk"], out2["trunk"])
+  del tx
+
+
+def _with_shared(case, num_tasks, shared):
+  import inspect
+  import optax_mtl as mtl
+  # Rebuild the method with the same configuration and a shared= mask.
+  factory = getattr(mtl, case.name)
+  tx = case.make(num_tasks)
+  del tx
+  sig = inspect.signature(factory)
+  assert "shared" in sig.parameters, f"{case.name} must accept shared="
+  return case_with_kwargs(case, num_tasks, shared=shared)
+
+
+def case_with_kwargs(case, num_tasks, **kwargs):
+  """Calls the case's builder with extra keyword arguments for its factory."""
+  import optax_mtl as mtl
+  original = getattr(mtl, case.name)
+  try:
+    setattr(mtl, case.name, lambda *a, **k: original(*a, **{**k, **kwargs}))
+    return case.make(num_tasks)
+  finally:
+    setattr(mtl, case.name, original)
+
+
+# --- sharded runs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
+                         ids=["explicit", "auto"])
+def test_sharded_matches_single_device(case, axis_type):
+  num_tasks = 3
+  params = make_params()
+  tx = case.make(num_tasks)
+  grads = [random_grads(num_tasks, seed=s) for s in range(2)]
+  reference, _ = run(tx, grads, params, num_tasks)
+
+  mesh = jax.make_mesh((4,), ("model",), axis_types=(axis_type,))
+  def place(tree, task_axis):
+    def spec(x):
+      dims = [None] * x.ndim
+      dims[task_axis] = "model"  # the first parameter axis (size 8 or 4)
+      return NamedSharding(mesh, P(*dims))
+    return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
+
+  with jax.set_mesh(mesh):
+    sharded_params = place(params, 0)
+    state = tx.init(sharded_params)
+    update = jax.jit(tx.update)
+    for step, (g, ref) in enumerate(zip(grads, reference)):
+      out, state = update(place(g, 1), state, sharded_params,
+                          **extra_args(num_tasks, step))
+      chex_close(out, ref, rtol=1e-5, atol=1e-5)
