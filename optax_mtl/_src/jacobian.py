@@ -116,7 +116,7 @@ def value_and_jacobian(
       for i in range(len(args)):
         if i in graphdefs:
           states = (values[i], rest[i]) if i in values else (rest[i],)
-          merged[i] = nnx.merge(graphdefs[i], *states)
+          merged[i] = nnx.merge(graphdefs[i], *states, copy=True)
           call_args[i] = merged[i]
         elif i in values:
           call_args[i] = values[i]

@@ -1,0 +1,145 @@
+"""mtl.value_and_jacobian on plain pytrees and Flax NNX modules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import optax_mtl as mtl
+
+
+def quadratic_losses(params, x):
+  w, b = params["w"], params["b"]
+  return jnp.stack([jnp.sum((x @ w + b[None, :]) ** 2), jnp.sum(w ** 3), jnp.sum(b)])
+
+
+def test_matches_per_task_grad():
+  params = {"w": jnp.arange(6.0).reshape(3, 2) / 6, "b": jnp.array([0.5, -1.0])}
+  x = jnp.ones((4, 3))
+  losses, task_grads = mtl.value_and_jacobian(quadratic_losses)(params, x)
+  np.testing.assert_allclose(losses, quadratic_losses(params, x), rtol=1e-6)
+  for t in range(3):
+    g = jax.grad(lambda p: quadratic_losses(p, x)[t])(params)
+    for k in params:
+      np.testing.assert_allclose(task_grads[k][t], g[k], rtol=1e-6)
+
+
+def test_argnums_tuple_and_has_aux():
+  def fn(a, b):
+    return jnp.stack([jnp.sum(a * b), jnp.sum(a ** 2)]), {"aux": a.sum()}
+  a, b = jnp.array([1.0, 2.0]), jnp.array([3.0, 5.0])
+  (losses, aux), (ga, gb) = mtl.value_and_jacobian(fn, argnums=(0, 1),
+                                                   has_aux=True)(a, b)
+  np.testing.assert_allclose(losses, [13.0, 5.0])
+  assert float(aux["aux"]) == 3.0
+  np.testing.assert_allclose(ga, [[3.0, 5.0], [2.0, 4.0]])
+  np.testing.assert_allclose(gb, [[1.0, 2.0], [0.0, 0.0]])
+
+
+def test_list_of_scalar_losses_is_stacked():
+  fn = lambda w: [jnp.sum(w), jnp.sum(2 * w)]
+  losses, g = mtl.value_and_jacobian(fn)(jnp.ones(3))
+  np.testing.assert_allclose(losses, [3.0, 6.0])
+  np.testing.assert_allclose(g, [[1.0] * 3, [2.0] * 3])
+
+
+def test_works_under_jit():
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  x = jnp.ones((4, 3))
+  eager = mtl.value_and_jacobian(quadratic_losses)(params, x)
+  jitted = jax.jit(mtl.value_and_jacobian(quadratic_losses))(params, x)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_error_scalar_loss():
+  with pytest.raises(ValueError, match=r"shape \(T,\).*returned a scalar"):
+    mtl.value_and_jacobian(lambda w: jnp.sum(w))(jnp.ones(2))
+
+
+def test_error_has_aux_without_pair():
+  with pytest.raises(ValueError, match=r"has_aux=True.*\(losses, aux\)"):
+    mtl.value_and_jacobian(lambda w: w, has_aux=True)(jnp.ones(2))
+
+
+def test_error_bad_argnums():
+  with pytest.raises(ValueError, match=r"argnums=3.*1 positional"):
+    mtl.value_and_jacobian(lambda w: w, argnums=3)(jnp.ones(2))
+
+
+def test_error_integer_parameters():
+  with pytest.raises(ValueError, match="floating point"):
+    mtl.value_and_jacobian(lambda w: jnp.stack([w.sum() * 1.0]))(jnp.ones(2, jnp.int32))
+
+
+class Net(nnx.Module):
+  """A trunk with BatchNorm and Dropout and two heads."""
+
+  def __init__(self, rngs):
+    self.trunk = nnx.Linear(3, 8, rngs=rngs)
+    self.norm = nnx.BatchNorm(8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head_a = nnx.Linear(8, 1, rngs=rngs)
+    self.head_b = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.drop(nnx.relu(self.norm(self.trunk(x))))
+    return self.head_a(h)[:, 0], self.head_b(h)[:, 0]
+
+
+def net_losses(model, x, y):
+  a, b = model(x)
+  return jnp.stack([jnp.mean((a - y) ** 2), jnp.mean(jnp.abs(b + y))])
+
+
+def test_nnx_module_with_batchnorm_and_dropout():
+  model = Net(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (16, 3))
+  y = jnp.sum(x, axis=1)
+
+  # Reference: the same module state, each task differentiated by nnx.grad.
+  graphdef, state = nnx.split(model)
+  references = []
+  for t in range(2):
+    copy = nnx.merge(graphdef, state, copy=True)
+    references.append(nnx.grad(lambda m: net_losses(m, x, y)[t])(copy))
+  expected_stats = nnx.merge(graphdef, state, copy=True)
+  _ = net_losses(expected_stats, x, y)  # one forward pass updates the stats
+
+  losses, task_grads = mtl.value_and_jacobian(net_losses)(model, x, y)
+  assert isinstance(task_grads, nnx.State)
+  assert losses.shape == (2,)
+  for t in range(2):
+    got = jax.tree.map(lambda g: g[t], task_grads)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(references[t])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # BatchNorm statistics and the Dropout RNG advanced exactly once, as in one
+  # forward pass.
+  got_rest = nnx.state(model, nnx.Not(nnx.Param))
+  want_rest = nnx.state(expected_stats, nnx.Not(nnx.Param))
+  unwrap = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  for a, b in zip(jax.tree.leaves(got_rest), jax.tree.leaves(want_rest)):
+    np.testing.assert_allclose(unwrap(a), unwrap(b), rtol=1e-6)
+  assert float(jnp.abs(model.norm.mean[...]).sum()) > 0
+
+
+def test_nnx_train_step_under_nnx_jit():
+  import optax
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(mtl.mean(), optax.adam(1e-2)),
+                            wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (32, 3))
+  y = jnp.sum(x, axis=1)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    losses, grads = mtl.value_and_jacobian(net_losses)(model, x, y)
+    optimizer.update(model, grads, losses=losses)
+    return losses
+
+  first = step(model, optimizer, x, y)
+  for _ in range(30):
+    last = step(model, optimizer, x, y)
+  assert float(jnp.sum(last)) < float(jnp.sum(first))
+  assert int(optimizer.step[...]) == 31
