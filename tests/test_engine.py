@@ -126,3 +126,29 @@ def test_engine_under_jit_with_sharded_leaves(axis_type, sharded_axis):
   if sharded_axis == 1:
     # The update is laid out like the parameter: still sharded, never gathered.
     assert u["w"].sharding.spec[0] == "d"
+
+
+from hypothesis import given, settings, strategies as st
+
+
+@settings(max_examples=25, deadline=None)
+@given(num_tasks=st.integers(1, 5),
+       shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3),
+                       min_size=1, max_size=4),
+       log_scale=st.floats(-25, 25),
+       seed=st.integers(0, 2**16))
+def test_gramian_and_combine_on_random_trees(num_tasks, shapes, log_scale, seed):
+  keys = jax.random.split(jax.random.key(seed), len(shapes) + 1)
+  scale = 10.0 ** log_scale
+  tree = {f"leaf{i}": scale * jax.random.normal(k, (num_tasks, *shape))
+          for i, (k, shape) in enumerate(zip(keys[1:], shapes))}
+  dense = flat(tree) / scale
+  g = mtl.gramian(tree)
+  expected = dense @ dense.T
+  top = np.max(np.diag(expected))
+  np.testing.assert_allclose(g.normalized, expected / top, rtol=1e-4, atol=1e-5)
+  assert float(g.scale) == pytest.approx(np.sqrt(top) * scale, rel=1e-4)
+  w = jax.random.uniform(keys[0], (num_tasks,))
+  out = mtl.combine(w, tree)
+  np.testing.assert_allclose(flat({k: v[None] for k, v in out.items()})[0] / scale,
+                             np.asarray(w, np.float64) @ dense, rtol=1e-4, atol=1e-5)
