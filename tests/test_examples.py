@@ -29,3 +29,11 @@ def test_quickstart_balancing_beats_the_plain_sum():
   assert balanced_accuracy > 0.8
   assert balanced_accuracy > summed_accuracy + 0.3
   assert rmse < 0.2 * float(np.std(ink_tr)) + 30.0
+
+
+def test_nnx_exact_and_representation_paths_agree_for_the_mean():
+  # For mean(), pulling back the averaged feature gradient through the
+  # encoder is the averaged parameter gradient: both paths train identically.
+  results = load("nnx_train_step").main(steps=150, verbose=False)
+  np.testing.assert_allclose(results["exact"], results["representation"], atol=0.01)
+  assert min(results["exact"]) > 0.8

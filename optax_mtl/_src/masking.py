@@ -7,6 +7,7 @@ task axis, which gives each head its own task's gradient.
 
 from __future__ import annotations
 
+import collections.abc
 from typing import Any, Callable, Union
 
 import jax
@@ -31,13 +32,50 @@ def _as_static_bool(value, method: str) -> bool:
       f"method; False = task-specific head, summed over tasks).")
 
 
+def _key_of(entry):
+  for attribute in ("key", "name", "idx"):
+    if hasattr(entry, attribute):
+      return getattr(entry, attribute)
+  raise TypeError(f"unsupported pytree key {entry!r}")
+
+
+def _lookup(mask, path, method: str):
+  """Walks ``mask`` along a gradient leaf's key path until a bool is found.
+
+  Walking keys rather than matching tree structures lets a plain dict mask
+  (``{"trunk": True, "heads": False}``) select leaves of an ``nnx.State`` or
+  any other container with the same keys.
+  """
+  node = mask
+  for depth, entry in enumerate(path):
+    if isinstance(node, (bool, np.bool_, np.ndarray, jax.Array)):
+      break
+    key = _key_of(entry)
+    try:
+      if isinstance(node, collections.abc.Mapping):
+        node = node[key]
+      elif isinstance(node, (list, tuple)) and isinstance(key, int):
+        node = node[key]
+      else:
+        node = getattr(node, key)
+    except (KeyError, IndexError, AttributeError, TypeError):
+      raise ValueError(
+          f"{method}: the shared= mask has no entry for gradient leaf "
+          f"{jax.tree_util.keystr(path)} (missing at "
+          f"{jax.tree_util.keystr(path[:depth + 1])}). The mask must be a "
+          f"pytree of bools with the parameters' structure, or a prefix of "
+          f"it such as {{'trunk': True, 'heads': False}}.") from None
+  return _as_static_bool(node, method)
+
+
 def resolve_shared(shared: SharedMask, task_grads: Any, params: Any,
                    method: str):
   """Returns a pytree of Python bools with the structure of ``task_grads``.
 
   Args:
     shared: None (every leaf shared), a pytree of bools that is a prefix of
-      the gradients' structure, or a callable mapping ``params`` to one.
+      the gradients' structure (matched by keys, so a dict works for an
+      ``nnx.State``), or a callable mapping ``params`` to one.
     task_grads: the per-task gradients.
     params: the parameters passed to ``update`` (needed by a callable mask).
     method: name of the calling transformation, for messages.
@@ -51,17 +89,5 @@ def resolve_shared(shared: SharedMask, task_grads: Any, params: Any,
           f"was called without params. Call tx.update(task_grads, state, "
           f"params, ...) or pass a pytree of bools as shared=.")
     shared = shared(params)
-  try:
-    return jax.tree.map(
-        lambda flag, subtree: jax.tree.map(
-            lambda _: _as_static_bool(flag, method), subtree),
-        shared, task_grads)
-  except ValueError as error:
-    if str(error).startswith(method):
-      raise
-    raise ValueError(
-        f"{method}: the shared= mask does not match the structure of the "
-        f"gradients. It must be a pytree of bools with the parameters' "
-        f"structure (or a prefix of it). Mask structure: "
-        f"{jax.tree.structure(shared)}; gradient structure: "
-        f"{jax.tree.structure(task_grads)}.") from error
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _lookup(shared, path, method), task_grads)
