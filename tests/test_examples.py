@@ -37,3 +37,23 @@ def test_nnx_exact_and_representation_paths_agree_for_the_mean():
   results = load("nnx_train_step").main(steps=150, verbose=False)
   np.testing.assert_allclose(results["exact"], results["representation"], atol=0.01)
   assert min(results["exact"]) > 0.8
+
+
+def test_linen_train_state_step_forwards_losses():
+  first, last, step = load("linen_train_state").main(steps=150, verbose=False)
+  assert step == 150
+  assert np.all(last < 0.2 * first)
+
+
+def test_gradient_accumulation_after_the_aggregator():
+  first, last = load("gradient_accumulation").main(steps=120, accumulate=4,
+                                                   verbose=False)
+  assert np.all(last < 0.5 * first)
+
+
+def test_checkpoint_restore_continues_identically():
+  import jax
+  straight, resumed = load("checkpointing").main(steps=10, verbose=False)
+  assert jax.tree.structure(straight) == jax.tree.structure(resumed)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
