@@ -131,7 +131,7 @@ def test_engine_under_jit_with_sharded_leaves(axis_type, sharded_axis):
 from hypothesis import given, settings, strategies as st
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(num_tasks=st.integers(1, 5),
        shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3),
                        min_size=1, max_size=4),
