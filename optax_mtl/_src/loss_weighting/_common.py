@@ -87,7 +87,8 @@ def check_num_tasks(num_tasks: Any, method: str) -> int:
     raise TypeError(
         f"{method}: num_tasks must be a positive Python int (the number of "
         f"tasks T; the state holds one entry per task and init only sees the "
-        f"parameters), got {num_tasks!r}.")
+        f"parameters; with optax.inject_hyperparams list it in static_args), "
+        f"got {num_tasks!r}.")
   if num_tasks < 1:
     raise ValueError(f"{method}: num_tasks must be >= 1, got {num_tasks}.")
   return int(num_tasks)

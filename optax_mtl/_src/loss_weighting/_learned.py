@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+_MAX_GRAD = 1e6
+
 
 def resolve_optimizer(optimizer: Any, learning_rate: Any, default, method: str
                       ) -> optax.GradientTransformation:
@@ -46,7 +48,9 @@ def step(optimizer: optax.GradientTransformation, values: jax.Array,
   Returns:
     ``(new_values, new_opt_state)``.
   """
-  grads = jnp.where(jnp.isfinite(grads), grads, 0.0)
+  # Bounded so that optimizer statistics (Adam squares them) stay finite even
+  # for losses at the clamp ceiling.
+  grads = jnp.clip(jnp.where(jnp.isnan(grads), 0.0, grads), -_MAX_GRAD, _MAX_GRAD)
   updates, new_opt_state = optimizer.update(grads, opt_state, values)
   new_values = jnp.clip(optax.apply_updates(values, updates), -bound, bound)
   new_values = jnp.where(active, new_values, values)
