@@ -38,8 +38,9 @@ def loss_weights(
   Args:
     weighting: a loss-based task scaling (``scale_by_uncertainty()``,
       ``scale_by_dwa()``...), or one chained with ``sum()`` / ``weighted(p)``
-      (the aliases, priorities included), built without ``shared=``. Methods
-      that read the gradients themselves (Gramian-based aggregators, GradNorm,
+      (the aliases, priorities included), built without ``shared=`` and with
+      no optimizer after it (an optimizer would transform the weights).
+      Methods that read the gradients themselves (Gramian-based aggregators, GradNorm,
       gradient normalisation) give meaningless weights here: use the stacked
       path for them.
     state: the weighting's state (``weighting.init(params)``).
