@@ -302,8 +302,9 @@ def test_random_weighting_draws_softmax_of_normals_per_step():
     assert previous is None or not np.allclose(w, previous)
     previous = w
   # vmap over seeds: one state per seed.
-  states = jax.vmap(lambda s: mtl.scale_by_random(0).init(None))(jnp.arange(2))
+  states = jax.vmap(lambda s: mtl.scale_by_random(s).init(None))(jnp.arange(2))
   assert states.key.shape[0] == 2
+  assert not np.array_equal(states.key[0], states.key[1])
 
 
 # --- FAMO ----------------------------------------------------------------------
