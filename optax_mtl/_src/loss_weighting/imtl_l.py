@@ -1,0 +1,111 @@
+"""IMTL-L: learned loss scales that make every scaled loss constant."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_mtl._src import masking
+from optax_mtl._src import transform
+from optax_mtl._src import validation
+from optax_mtl._src.loss_weighting import _common
+from optax_mtl._src.loss_weighting import _learned
+
+_LOG_BOUND = 40.0
+
+
+class IMTLLState(NamedTuple):
+  """State of :func:`scale_by_imtl_l`.
+
+  Attributes:
+    log_scale: [T] learnable ``s_t``; task t's weight is ``e^{s_t}``.
+    task_weights: [T] weights of the last update.
+    optimizer_state: state of the optimizer of ``log_scale``.
+  """
+  log_scale: jax.Array
+  task_weights: jax.Array
+  optimizer_state: Any
+
+
+def scale_by_imtl_l(
+    *, num_tasks: int, learning_rate: Any = 1e-2,
+    optimizer: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Scales the tasks by learned scales ``e^{s_t}`` (impartial loss scaling).
+
+  The joint objective over the network and ``s`` is
+
+  .. math::
+     \\mathcal{L} = \\sum_t e^{s_t} L_t - s_t, \\qquad
+     w_t = e^{s_t}, \\qquad \\partial_{s_t}\\mathcal{L} = e^{s_t} L_t - 1
+
+  so the scales move toward ``e^{s_t} = 1 / L_t``, where every scaled loss
+  equals 1. The gradient of ``s`` is computed in closed form from the losses
+  (no second backward pass); the weights of an update use ``s`` before its
+  step. ``s`` stays in ``[-40, 40]``.
+
+  Args:
+    num_tasks: T (the state holds one scale per task).
+    learning_rate: step size of the default optimizer (Adam) of ``s``.
+    optimizer: optional optax optimizer for ``s``.
+
+  Returns:
+    A task scaling whose state is an :class:`IMTLLState`; ``update`` requires
+    ``losses=``.
+
+  Raises:
+    ValueError: bad losses (outside ``jit``; under ``jit`` they are clamped
+      to ``[1e-12, 1e30]``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_mtl as mtl
+    >>> tx = optax.chain(mtl.imtl_l(num_tasks=3), optax.adam(1e-3))
+
+  References:
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial
+    Multi-task Learning", ICLR 2021.
+  """
+  method = "mtl.scale_by_imtl_l"
+  size = _common.check_num_tasks(num_tasks, method)
+  opt = _learned.resolve_optimizer(optimizer, learning_rate, optax.adam, method)
+
+  def init_fn(params):
+    del params
+    s = jnp.zeros(size, jnp.float32)
+    return IMTLLState(s, jnp.ones(size, jnp.float32), opt.init(s))
+
+  def weights_fn(inputs, state):
+    validation.check_configured_tasks(inputs.num_tasks, size, method)
+    losses = _common.positive_losses(inputs.losses, method)
+    weights = jnp.exp(state.log_scale)
+    new_s, opt_state = _learned.step(opt, state.log_scale, weights * losses - 1.0,
+                                     state.optimizer_state, _LOG_BOUND)
+    return weights, IMTLLState(new_s, weights, opt_state)
+
+  return transform.task_scaling(method, weights_fn, init_fn, needs_losses=True)
+
+
+def imtl_l(
+    *, num_tasks: int, learning_rate: Any = 1e-2,
+    optimizer: optax.GradientTransformation | None = None,
+    priorities: Any = None, shared: masking.SharedMask = None,
+) -> optax.GradientTransformationExtraArgs:
+  """``scale_by_imtl_l`` chained with ``sum()`` (or ``weighted``).
+
+  Args:
+    num_tasks: see :func:`scale_by_imtl_l`.
+    learning_rate: see :func:`scale_by_imtl_l`.
+    optimizer: see :func:`scale_by_imtl_l`.
+    priorities: optional [T] task priorities multiplied on top.
+    shared: ``shared=`` mask passed to the aggregator.
+
+  Returns:
+    An aggregator: ``sum_t p_t e^{s_t} g_t``.
+  """
+  return _common.alias(scale_by_imtl_l(num_tasks=num_tasks,
+                                       learning_rate=learning_rate,
+                                       optimizer=optimizer),
+                       priorities, shared)

@@ -1,0 +1,157 @@
+"""Homoscedastic uncertainty weighting, with learnable log-variances."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_mtl._src import masking
+from optax_mtl._src import transform
+from optax_mtl._src import validation
+from optax_mtl._src.loss_weighting import _common
+from optax_mtl._src.loss_weighting import _learned
+
+# |log sigma^2| bound: e^{40} ~ 2e17 keeps weights and their products finite.
+_LOG_BOUND = 40.0
+_REGULARIZERS = ("log", "log1p")
+
+
+class UncertaintyState(NamedTuple):
+  """State of :func:`scale_by_uncertainty`.
+
+  Attributes:
+    log_variance: [T] learnable ``s_t = log sigma_t^2``.
+    task_weights: [T] weights of the last update, ``1 / (2 sigma_t^2)``.
+    optimizer_state: state of the optimizer of ``log_variance``.
+  """
+  log_variance: jax.Array
+  task_weights: jax.Array
+  optimizer_state: Any
+
+
+def scale_by_uncertainty(
+    *, num_tasks: int, learning_rate: Any = 1e-2,
+    regularizer: str = "log", init_log_variance: Any = 0.0,
+    optimizer: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Scales the tasks by learned homoscedastic uncertainties.
+
+  The joint objective over the network and ``s_t = log sigma_t^2`` is
+
+  .. math::
+     \\mathcal{L} = \\sum_t \\frac{1}{2\\sigma_t^2} L_t + R(\\sigma_t), \\quad
+     R = \\log \\sigma_t \\ (\\text{"log"}) \\ \\text{or} \\
+     \\log(1 + \\sigma_t^2) \\ (\\text{"log1p"})
+
+  so task t's gradient is scaled by ``w_t = 1 / (2 sigma_t^2) = e^{-s_t} / 2``
+  and the log-variances follow their exact gradient, computed in closed form
+  from the losses (no second backward pass):
+
+  .. math::
+     \\partial_{s_t} \\mathcal{L} = \\tfrac12 (1 - L_t e^{-s_t}) \\ (\\text{log}),
+     \\qquad -\\tfrac12 L_t e^{-s_t} + \\operatorname{sigmoid}(s_t) \\
+     (\\text{log1p})
+
+  At the fixed point ``sigma_t^2 = L_t`` ("log"), or
+  ``sigma_t^2 = (L_t + sqrt(L_t^2 + 8 L_t)) / 4`` ("log1p", whose penalty is
+  never negative). The weights of an update use the log-variances before
+  their step, as simultaneous gradient descent on the joint objective does.
+  Log-variances stay in ``[-40, 40]``.
+
+  Args:
+    num_tasks: T (the state holds one log-variance per task).
+    learning_rate: step size of the default optimizer (Adam) of the
+      log-variances; may be traced / injected.
+    regularizer: ``"log"`` (Kendall et al.) or ``"log1p"`` (positive penalty).
+    init_log_variance: initial ``s_t`` (scalar or [T]); 0 means sigma = 1.
+    optimizer: optional optax optimizer for the log-variances, replacing
+      ``optax.adam(learning_rate)``; its state lives in this state.
+
+  Returns:
+    A task scaling whose state is an :class:`UncertaintyState`; ``update``
+    requires ``losses=``.
+
+  Raises:
+    ValueError: unknown ``regularizer``; bad losses (outside ``jit``; under
+      ``jit`` they are clamped to ``[1e-12, 1e30]``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_mtl as mtl
+    >>> tx = optax.chain(mtl.uncertainty_weighting(num_tasks=2), optax.adam(1e-3))
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> g = {"w": jnp.ones((2, 3))}
+    >>> u, state = tx.update(g, state, losses=jnp.array([1.0, 3.0]))
+    >>> optax.tree.get(state, "task_weights")
+    Array([0.5, 0.5], dtype=float32)
+
+  References:
+    Kendall, Gal, Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
+    Losses for Scene Geometry and Semantics", CVPR 2018. The log(1 + sigma^2)
+    penalty: Liebel, Koerner, "Auxiliary Tasks in Multi-task Learning", 2018.
+  """
+  method = "mtl.scale_by_uncertainty"
+  size = _common.check_num_tasks(num_tasks, method)
+  if regularizer not in _REGULARIZERS:
+    raise ValueError(f"{method}: regularizer must be one of {_REGULARIZERS}, "
+                     f"got {regularizer!r}.")
+  opt = _learned.resolve_optimizer(optimizer, learning_rate, optax.adam, method)
+  init_s = jnp.asarray(init_log_variance, jnp.float32)
+  if init_s.ndim > 1 or (init_s.ndim == 1 and init_s.shape[0] != size):
+    raise ValueError(f"{method}: init_log_variance must be a scalar or a "
+                     f"vector of length num_tasks={size}, got shape "
+                     f"{init_s.shape}.")
+  if _common.is_concrete(init_s) and not np.all(np.isfinite(np.asarray(init_s))):
+    raise ValueError(f"{method}: init_log_variance must be finite.")
+
+  def init_fn(params):
+    del params
+    s = jnp.clip(jnp.broadcast_to(init_s, (size,)), -_LOG_BOUND, _LOG_BOUND)
+    return UncertaintyState(s, 0.5 * jnp.exp(-s), opt.init(s))
+
+  def weights_fn(inputs, state):
+    validation.check_configured_tasks(inputs.num_tasks, size, method)
+    losses = _common.positive_losses(inputs.losses, method)
+    s = state.log_variance
+    weights = 0.5 * jnp.exp(-s)
+    data_term = -losses * weights  # d/ds of L e^{-s} / 2
+    if regularizer == "log":
+      grads = data_term + 0.5
+    else:
+      grads = data_term + jax.nn.sigmoid(s)
+    new_s, opt_state = _learned.step(opt, s, grads, state.optimizer_state,
+                                     _LOG_BOUND)
+    return weights, UncertaintyState(new_s, weights, opt_state)
+
+  return transform.task_scaling(method, weights_fn, init_fn, needs_losses=True)
+
+
+def uncertainty_weighting(
+    *, num_tasks: int, learning_rate: Any = 1e-2, regularizer: str = "log",
+    init_log_variance: Any = 0.0,
+    optimizer: optax.GradientTransformation | None = None,
+    priorities: Any = None, shared: masking.SharedMask = None,
+) -> optax.GradientTransformationExtraArgs:
+  """``scale_by_uncertainty`` chained with ``sum()`` (or ``weighted``).
+
+  Args:
+    num_tasks: see :func:`scale_by_uncertainty`.
+    learning_rate: see :func:`scale_by_uncertainty`.
+    regularizer: see :func:`scale_by_uncertainty`.
+    init_log_variance: see :func:`scale_by_uncertainty`.
+    optimizer: see :func:`scale_by_uncertainty`.
+    priorities: optional [T] task priorities multiplied on top.
+    shared: ``shared=`` mask passed to the aggregator.
+
+  Returns:
+    An aggregator: ``sum_t p_t g_t / (2 sigma_t^2)``.
+  """
+  return _common.alias(
+      scale_by_uncertainty(num_tasks=num_tasks, learning_rate=learning_rate,
+                           regularizer=regularizer,
+                           init_log_variance=init_log_variance,
+                           optimizer=optimizer),
+      priorities, shared)
