@@ -13,6 +13,15 @@ from optax_mtl._src.basic import sum_ as sum  # pylint: disable=redefined-builti
 from optax_mtl._src.basic import weighted
 from optax_mtl._src.combine import combine
 from optax_mtl._src.combine import scale_tasks
+from optax_mtl._src.gradient_methods.cagrad import cagrad
+from optax_mtl._src.gradient_methods.gradnorm import GradNormState
+from optax_mtl._src.gradient_methods.gradnorm import gradnorm
+from optax_mtl._src.gradient_methods.gradnorm import scale_by_gradnorm
+from optax_mtl._src.gradient_methods.mgda import mgda
+from optax_mtl._src.gradient_methods.normalize import NormalizeGradientsState
+from optax_mtl._src.gradient_methods.normalize import normalize_gradients
+from optax_mtl._src.gradient_methods.pcgrad import PCGradState
+from optax_mtl._src.gradient_methods.pcgrad import pcgrad
 from optax_mtl._src.gramian import Gramian
 from optax_mtl._src.gramian import gramian
 from optax_mtl._src.jacobian import value_and_jacobian
@@ -23,12 +32,21 @@ from optax_mtl._src.transform import task_scaling
 __version__ = "0.1.0"
 
 __all__ = (
+    "GradNormState",
     "Gramian",
+    "NormalizeGradientsState",
+    "PCGradState",
     "TaskInputs",
     "aggregator",
+    "cagrad",
     "combine",
+    "gradnorm",
     "gramian",
     "mean",
+    "mgda",
+    "normalize_gradients",
+    "pcgrad",
+    "scale_by_gradnorm",
     "scale_tasks",
     "sum",
     "task_scaling",

@@ -27,4 +27,12 @@ CASES = [
     Case("sum", lambda T: mtl.sum()),
     Case("mean", lambda T: mtl.mean()),
     Case("weighted", lambda T: mtl.weighted(jnp.linspace(0.5, 1.5, T))),
+    Case("mgda", lambda T: mtl.mgda()),
+    Case("pcgrad", lambda T: mtl.pcgrad(seed=1)),
+    Case("cagrad", lambda T: mtl.cagrad(c=0.4)),
+    Case("scale_by_gradnorm", lambda T: mtl.scale_by_gradnorm(T), kind="scaling",
+         needs=frozenset({"losses"})),
+    Case("gradnorm", lambda T: mtl.gradnorm(T), needs=frozenset({"losses"})),
+    Case("normalize_gradients", lambda T: mtl.normalize_gradients(0.5, T),
+         kind="scaling", needs=frozenset({"losses"})),
 ]
