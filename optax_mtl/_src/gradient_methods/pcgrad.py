@@ -96,7 +96,7 @@ def pcgrad(
     >>> task_grads = {"w": jnp.array([[1.0, 1.0], [-1.0, 0.0]])}
     >>> update, state = tx.update(task_grads, tx.init(None))
     >>> update["w"]
-    Array([0., 1.], dtype=float32)
+    Array([-0.5,  1.5], dtype=float32)
 
   References:
     Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for
