@@ -13,6 +13,15 @@ from optax_mtl._src.basic import sum_ as sum  # pylint: disable=redefined-builti
 from optax_mtl._src.basic import weighted
 from optax_mtl._src.combine import combine
 from optax_mtl._src.combine import scale_tasks
+from optax_mtl._src.gradient_methods.cagrad import cagrad
+from optax_mtl._src.gradient_methods.gradnorm import GradNormState
+from optax_mtl._src.gradient_methods.gradnorm import gradnorm
+from optax_mtl._src.gradient_methods.gradnorm import scale_by_gradnorm
+from optax_mtl._src.gradient_methods.mgda import mgda
+from optax_mtl._src.gradient_methods.normalize import NormalizeGradientsState
+from optax_mtl._src.gradient_methods.normalize import normalize_gradients
+from optax_mtl._src.gradient_methods.pcgrad import PCGradState
+from optax_mtl._src.gradient_methods.pcgrad import pcgrad
 from optax_mtl._src.gramian import Gramian
 from optax_mtl._src.gramian import gramian
 from optax_mtl._src.jacobian import value_and_jacobian
@@ -61,14 +70,18 @@ __all__ = (
     "DTPState",
     "DWAState",
     "FAMOState",
+    "GradNormState",
     "Gramian",
     "IMTLLState",
     "InitialLossState",
+    "NormalizeGradientsState",
+    "PCGradState",
     "PriorLossState",
     "RandomWeightingState",
     "TaskInputs",
     "UncertaintyState",
     "aggregator",
+    "cagrad",
     "combine",
     "cross_entropy_initial_loss",
     "cross_entropy_prior_loss",
@@ -76,6 +89,7 @@ __all__ = (
     "dwa",
     "famo",
     "geometric_loss_weighting",
+    "gradnorm",
     "gramian",
     "imtl_l",
     "initial_loss_weighting",
@@ -83,6 +97,9 @@ __all__ = (
     "l2_prior_loss",
     "loss_weights",
     "mean",
+    "mgda",
+    "normalize_gradients",
+    "pcgrad",
     "prior_loss_weighting",
     "random_weighting",
     "realtime_loss_weighting",
@@ -90,6 +107,7 @@ __all__ = (
     "scale_by_dwa",
     "scale_by_famo",
     "scale_by_geometric_loss",
+    "scale_by_gradnorm",
     "scale_by_imtl_l",
     "scale_by_initial_loss",
     "scale_by_prior_loss",

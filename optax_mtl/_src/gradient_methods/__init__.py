@@ -1,0 +1,1 @@
+"""Methods that weigh the task gradients from their Gramian (and the losses)."""

@@ -1,0 +1,219 @@
+"""GradNorm: task weights learned so that weighted gradient norms match targets."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_mtl._src import basic
+from optax_mtl._src import masking
+from optax_mtl._src import transform
+from optax_mtl._src import validation
+from optax_mtl._src.gradient_methods import _simplex
+
+_METHOD = "mtl.scale_by_gradnorm"
+# Weights after a step are kept in [_MIN_WEIGHT, _MAX_WEIGHT] before the
+# renormalisation to sum T: positive (a weight of 0 would stay 0 under the
+# multiplicative renormalisation) and finite even for huge gradient norms.
+_MIN_WEIGHT = 1e-6
+_MAX_WEIGHT = 1e6
+# Loss ratios are floored here so that r**alpha stays finite for alpha < 0.
+_MIN_RATIO = 1e-12
+
+
+class GradNormState(NamedTuple):
+  """State of :func:`scale_by_gradnorm`.
+
+  Attributes:
+    task_weights: [T] float32, the weights the next update applies (they sum
+      to T).
+    initial_losses: [T] float32, ``L_t(0)``, recorded at the first update.
+    count: int32, number of updates so far.
+  """
+  task_weights: jax.Array
+  initial_losses: jax.Array
+  count: jax.Array
+
+
+def check_num_tasks(num_tasks, method):
+  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+    raise ValueError(
+        f"{method}: num_tasks must be a positive Python int (the number of "
+        f"tasks, T), got {num_tasks!r}. The state holds one weight per task "
+        f"and init() only sees the parameters.")
+
+
+def _check_hyperparams(alpha, learning_rate, method):
+  value = _simplex.concrete_value(alpha)
+  if value is not None and not (value >= 0 and value < float("inf")):
+    raise ValueError(f"{method}: alpha must be a finite number >= 0, got {alpha!r}.")
+  rate = _simplex.concrete_value(learning_rate)
+  if rate is not None and not (rate > 0 and rate < float("inf")):
+    raise ValueError(
+        f"{method}: learning_rate must be a finite number > 0, got "
+        f"{learning_rate!r}.")
+
+
+def inverse_training_rates(losses, initial_losses):
+  """``r_t = (L_t / L_t(0)) / mean_s(L_s / L_s(0))``, guarded.
+
+  Non-positive initial losses give a ratio of 1 and ratios are floored at a
+  tiny positive value, so ``r_t ** alpha`` is always finite.
+  """
+  ratio = jnp.where(initial_losses > 0,
+                    losses / jnp.where(initial_losses > 0, initial_losses, 1.0),
+                    1.0)
+  ratio = jnp.maximum(jnp.where(jnp.isfinite(ratio), ratio, 1.0), 0.0)
+  mean = jnp.mean(ratio)
+  rates = jnp.where(mean > 0, ratio / jnp.where(mean > 0, mean, 1.0), 1.0)
+  return jnp.maximum(rates, _MIN_RATIO)
+
+
+def gradnorm_step(task_weights, norms, rates, alpha, learning_rate):
+  """One GradNorm update of the task weights.
+
+  With ``G_t = w_t n_t`` (``n_t = ||grad_W L_t||``) and the targets
+  ``mean(G) r_t^alpha`` held constant, ``L_grad = sum_t |G_t - target_t|``
+  has gradient ``sign(G_t - target_t) n_t`` in ``w_t``. One gradient step,
+  clamped positive, then renormalised so the weights sum to T.
+
+  Args:
+    task_weights: [T] current weights ``w(t)``.
+    norms: [T] gradient norms ``n_t`` on the layer W.
+    rates: [T] inverse training rates ``r_t``.
+    alpha: restoring-force strength.
+    learning_rate: step size on the weights.
+
+  Returns:
+    [T] weights ``w(t + 1)``.
+  """
+  num = task_weights.shape[0]
+  weighted = task_weights * norms
+  target = jnp.mean(weighted) * rates ** jnp.asarray(alpha, jnp.float32)
+  grad = jnp.sign(weighted - target) * norms
+  stepped = task_weights - jnp.asarray(learning_rate, jnp.float32) * grad
+  stepped = jnp.where(jnp.isnan(stepped), task_weights, stepped)
+  stepped = jnp.clip(stepped, _MIN_WEIGHT, _MAX_WEIGHT)
+  return num * stepped / jnp.sum(stepped)
+
+
+def scale_by_gradnorm(
+    num_tasks: int,
+    alpha: float = 1.5,
+    learning_rate: float = 0.025,
+    *,
+    layer: masking.SharedMask = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GradNorm: multiplies each task gradient by a learned weight.
+
+  The weights ``w_t`` (summing to T) are applied to the task gradients, then
+  updated by one gradient step on
+
+  .. math::
+     L_{grad} = \\sum_t \\big| G_t - \\bar G\\, r_t^{\\alpha} \\big|, \\quad
+     G_t = w_t \\|\\nabla_W L_t\\|, \\quad
+     r_t = \\frac{L_t / L_t(0)}{\\operatorname{mean}_s L_s / L_s(0)},
+
+  with ``bar G = mean_t G_t`` and the targets ``bar G r_t^alpha`` held
+  constant, so ``dL_grad / dw_t = sign(G_t - target_t) ||grad_W L_t||``.
+  After the step the weights are clamped positive and renormalised to sum
+  T. As in the paper, the update at step t applies ``w(t)`` and stores
+  ``w(t + 1)``; ``L_t(0)`` is taken from the first update's ``losses``.
+
+  ``W`` is every leaf by default; ``layer`` picks a subset, e.g. the last
+  shared layer as in the paper (cheaper and the authors' choice). The norms
+  are read from the Gramian of those leaves, so no extra pass is needed.
+  Every leaf (heads included) is scaled by its task's weight: this is the
+  gradient of ``sum_t w_t L_t``.
+
+  Args:
+    num_tasks: T, the number of tasks (the state holds one weight per task).
+    alpha: strength of the pull toward equal training rates (>= 0). May be
+      traced.
+    learning_rate: step size of the weight update. May be traced.
+    layer: optional mask (pytree of bools or callable on params, like
+      ``shared=``) of the leaves W whose gradient norms are balanced.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` task scaling with a
+    :class:`GradNormState`; ``update`` needs ``losses=``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_mtl as mtl
+    >>> tx = optax.chain(mtl.scale_by_gradnorm(2), mtl.sum(), optax.sgd(0.1))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> task_grads = {"w": jnp.array([[1.0, 0.0], [0.0, 3.0]])}
+    >>> updates, state = tx.update(task_grads, state, params,
+    ...                            losses=jnp.array([1.0, 2.0]))
+
+  References:
+    Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization
+    for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018.
+  """
+  check_num_tasks(num_tasks, _METHOD)
+  _check_hyperparams(alpha, learning_rate, _METHOD)
+
+  def init_fn(params):
+    del params
+    return GradNormState(
+        task_weights=jnp.ones((num_tasks,), jnp.float32),
+        initial_losses=jnp.zeros((num_tasks,), jnp.float32),
+        count=jnp.zeros((), jnp.int32))
+
+  def weights_fn(inputs, state):
+    validation.check_configured_tasks(inputs.num_tasks, num_tasks, _METHOD)
+    losses = inputs.losses
+    initial = jnp.where(state.count == 0, losses, state.initial_losses)
+    rates = inverse_training_rates(losses, initial)
+    norms = inputs.gramian.norms()
+    new_weights = gradnorm_step(state.task_weights, norms, rates, alpha,
+                                learning_rate)
+    count = jnp.minimum(state.count, jnp.iinfo(jnp.int32).max - 1) + 1
+    return state.task_weights, GradNormState(new_weights, initial, count)
+
+  return transform.task_scaling(_METHOD, weights_fn, init_fn, shared=layer,
+                                uses_gramian=True, needs_losses=True)
+
+
+def gradnorm(
+    num_tasks: int,
+    alpha: float = 1.5,
+    learning_rate: float = 0.025,
+    *,
+    layer: masking.SharedMask = None,
+    shared: masking.SharedMask = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GradNorm followed by the sum over tasks: the gradient of ``sum_t w_t L_t``.
+
+  ``optax.chain(scale_by_gradnorm(...), sum(shared=shared))``; see
+  :func:`scale_by_gradnorm` for the method.
+
+  Args:
+    num_tasks: T, the number of tasks.
+    alpha: strength of the pull toward equal training rates (>= 0).
+    learning_rate: step size of the weight update.
+    layer: mask of the leaves W whose gradient norms are balanced; defaults
+      to ``shared`` (all leaves when both are None).
+    shared: optional mask of shared leaves (pytree of bools or callable on
+      params).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its state holds the
+    :class:`GradNormState` (``optax.tree.get(state, "task_weights")``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_mtl as mtl
+    >>> tx = optax.chain(mtl.gradnorm(2, alpha=1.5), optax.adam(1e-3))
+
+  References:
+    Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization
+    for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018.
+  """
+  return optax.chain(
+      scale_by_gradnorm(num_tasks, alpha, learning_rate,
+                        layer=shared if layer is None else layer),
+      basic.sum_(shared=shared))
