@@ -86,7 +86,7 @@ def predict(params: dict, x: jax.Array) -> jax.Array:
   """Predictions [N, T, OUT_DIM]."""
   h = x
   for layer in params["trunk"]:
-    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+    h = jax.nn.relu(h @ layer["w"] + layer["b"][None])
   return (jnp.einsum("nh,tho->nto", h, params["heads"]["w"])
           + params["heads"]["b"][None])
 
@@ -214,15 +214,20 @@ def run(argv=None) -> dict:
   params = jax.jit(jax.vmap(lambda k: init_params(k, num_tasks)))(keys)
   params0 = jax.tree.map(lambda a: a[0], params)
 
+  copts = common.compiler_options(args)
   results, skipped, every = {}, {}, 1
   for method in common.progress(selected, "gradnorm_synthetic", args.no_progress):
     if method.needs_kpis:
       skipped[method.label] = "needs kpis (this benchmark has none)"
       continue
-    tx = method.make(num_tasks)
-    fn, every = make_run(tx, num_tasks, steps, sigmas)
-    with common.Timer() as t_compile:
-      compiled = fn.lower(params, data).compile()
+    try:
+      with common.Timer() as t_compile:
+        tx = method.make(num_tasks)
+        fn, every = make_run(tx, num_tasks, steps, sigmas)
+        compiled = fn.lower(params, data).compile(copts)
+    except (ValueError, TypeError) as e:
+      skipped[method.label] = common.method_error(e)
+      continue
     with common.Timer() as t_run:
       curve, weights, final = jax.block_until_ready(compiled(params, data))
     has_weights = common.task_weights(jax.eval_shape(tx.init, params0)) is not None
@@ -252,7 +257,8 @@ def run(argv=None) -> dict:
                    "depth": DEPTH, "num_train": NUM_TRAIN, "num_test": NUM_TEST,
                    "batch": BATCH, "optimizer": "adam",
                    "learning_rate": LEARNING_RATE, "record_every": every,
-                   "data_seed": args.data_seed, "quick": args.quick},
+                   "data_seed": args.data_seed, "quick": args.quick,
+                   "compiler_options": copts},
       "device": common.device_info(),
       "results": results,
       "skipped": skipped,

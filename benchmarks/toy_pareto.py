@@ -193,14 +193,18 @@ def run(argv=None) -> dict:
   selected = methods_lib.select(methods_lib.METHODS, args.methods)
   starts = jnp.asarray(STARTS, jnp.float32)
 
+  copts = common.compiler_options(args)
   results, skipped = {}, {}
   for method in common.progress(selected, "toy_pareto", args.no_progress):
     if method.needs_kpis:
       skipped[method.label] = "needs kpis (the toy problem has none)"
       continue
-    fn = make_run(method.make(2), steps)
-    with common.Timer() as t_compile:
-      compiled = fn.lower(starts).compile()
+    try:
+      with common.Timer() as t_compile:
+        compiled = make_run(method.make(2), steps).lower(starts).compile(copts)
+    except (ValueError, TypeError) as e:
+      skipped[method.label] = common.method_error(e)
+      continue
     with common.Timer() as t_run:
       final, traj = jax.block_until_ready(compiled(starts))
     dist = np.asarray(pareto_distance(final))
@@ -233,7 +237,8 @@ def run(argv=None) -> dict:
                    "pareto_set": {"x1": list(PARETO_X1),
                                   "x2_at_x1_0": PARETO_X2_CENTER,
                                   "x2_at_x1_7": PARETO_X2_ENDS},
-                   "quick": args.quick},
+                   "quick": args.quick,
+                   "compiler_options": copts},
       "device": common.device_info(),
       "results": results,
       "skipped": skipped,
