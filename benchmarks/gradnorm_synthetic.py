@@ -173,7 +173,7 @@ def plot(results: dict, sigmas, every: int, path: str) -> None:
     x = every * np.arange(1, len(w) + 1)
     for t in range(num_tasks):
       ax.plot(x, w[:, t], lw=1.2, label=f"task {t + 1}")
-    note = "" if results[label]["has_task_weights"] else " (fixed)"
+    note = "" if results[label]["has_task_weights"] else " (no task_weights: drawn as 1)"
     ax.set_title(f"{label}: weights{note}", fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("step", fontsize=7)

@@ -224,7 +224,7 @@ def run(argv=None) -> dict:
         "mean_distance": common.finite_or_none(np.mean(dist)),
         "compile_seconds": t_compile.seconds,
         "run_seconds": t_run.seconds,
-        "trajectories": [[[common.finite_or_none(v) for v in pt] for pt in tr]
+        "trajectories": [[[None if not np.isfinite(v) else round(float(v), 3) for v in pt] for pt in tr]
                          for tr in np.asarray(traj)],
     }
 
