@@ -1,0 +1,155 @@
+"""Helpers shared by the quality benchmarks: CLI, timing, results files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# The benchmarks are scripts: make ``import methods`` / ``import optax_mtl``
+# work from the repository root without installing anything.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+for _p in (_HERE, _ROOT):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+DEFAULT_OUT = os.path.join(_HERE, "results")
+
+
+def parser(description: str, *, steps: int, seeds: int) -> argparse.ArgumentParser:
+  """The flags every benchmark takes; each adds its own afterwards."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true",
+                 help="small settings (seconds to a minute on a laptop CPU)")
+  p.add_argument("--steps", type=int, default=None,
+                 help=f"optimisation steps (default {steps}; fewer with --quick)")
+  p.add_argument("--seeds", type=int, default=None,
+                 help=f"random seeds, vmapped (default {seeds})")
+  p.add_argument("--methods", type=str, default=None,
+                 help="comma-separated labels from benchmarks/methods.py "
+                      "(default: all)")
+  p.add_argument("--out", type=str, default=DEFAULT_OUT,
+                 help="results directory (JSON, markdown, PNG)")
+  p.add_argument("--no-progress", action="store_true",
+                 help="disable the progress bar")
+  p.add_argument("--fast-compile", action=argparse.BooleanOptionalAction,
+                 default=None,
+                 help="compile with XLA backend optimisation level 0: about "
+                      "3x faster compilation of these small programs for a "
+                      "slower run (default: on with --quick, off otherwise)")
+  return p
+
+
+def compiler_options(args) -> dict | None:
+  """XLA options for ``Lowered.compile`` (per compilation, nothing global)."""
+  fast = args.quick if args.fast_compile is None else args.fast_compile
+  return {"xla_backend_optimization_level": 0} if fast else None
+
+
+def positive(name: str, value: int) -> int:
+  if value is None or int(value) < 1:
+    raise ValueError(f"--{name} must be a positive integer, got {value}.")
+  return int(value)
+
+
+def device_info() -> dict[str, Any]:
+  d = jax.devices()[0]
+  return {
+      "backend": jax.default_backend(),
+      "device": getattr(d, "device_kind", str(d)),
+      "num_devices": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+  }
+
+
+def device_line() -> str:
+  info = device_info()
+  return (f"Measured on {info['backend'].upper()} ({info['device']}, "
+          f"{info['cpu_count']} host cores), jax {info['jax']}.")
+
+
+def progress(items: Sequence[Any], desc: str, disable: bool = False) -> Iterable[Any]:
+  from tqdm.auto import tqdm
+  return tqdm(items, desc=desc, disable=disable, leave=True, dynamic_ncols=True)
+
+
+class Timer:
+  """Wall-clock seconds of a block, after ``jax.block_until_ready``."""
+
+  def __enter__(self):
+    self.start = time.perf_counter()
+    return self
+
+  def __exit__(self, *exc):
+    self.seconds = time.perf_counter() - self.start
+    return False
+
+
+def task_weights(state) -> jax.Array | None:
+  """The first ``task_weights`` leaf of an optimizer state, or None."""
+  found = optax.tree.get_all_with_path(state, "task_weights")
+  if not found:
+    return None
+  return jnp.asarray(found[0][1], jnp.float32)
+
+
+def method_error(e: Exception) -> str:
+  """One line for a method that refused this benchmark's inputs.
+
+  Only the library's own contract errors (their messages name the method,
+  ``mtl.<name>: ...``) are reported and skipped; anything else is a bug of
+  the benchmark and is raised again.
+  """
+  message = str(e)
+  if "mtl." not in message:
+    raise e
+  text = f"{type(e).__name__}: {message.splitlines()[0]}".replace("|", "/")
+  print(f"skipped: {text}", file=sys.stderr)
+  return text
+
+
+def finite_or_none(x: float) -> float | None:
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def write_json(path: str, payload: dict) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=1, sort_keys=False, allow_nan=False)
+    f.write("\n")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_text(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text if text.endswith("\n") else text + "\n")

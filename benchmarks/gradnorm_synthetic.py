@@ -1,0 +1,296 @@
+"""The synthetic multi-task regression of GradNorm: tasks on very different scales.
+
+Chen et al. (2018), section 4: T regression tasks onto
+
+  f_t(x) = sigma_t tanh((B + eps_t) x),    x in R^250, f_t(x) in R^100,
+
+with B (shared by every task) and eps_t (task-specific) constant matrices of
+i.i.d. N(0, 10^2) and N(0, 3.5^2) entries, and the scales sigma_t setting how
+large each task's loss is (default sigma = (1, 100): task 2's squared error is
+10^4 times task 1's). Inputs are drawn i.i.d. from U(0, 1)^250 (10,000 for
+training, 2,000 for test, fixed by ``--data-seed``). The network is the one of
+the paper: a shared trunk of 4 fully connected ReLU layers of 100 units and
+one affine head (100 -> 100) per task; each task's loss is its mean squared
+error.
+
+Every method of ``benchmarks/methods.py`` trains the same initialisations
+(``--seeds`` of them, vmapped) with Adam (learning rate 1e-3, batches of 128
+visited in a fixed shuffled order), all steps in ``lax.scan``. Reported: the test loss of
+each task divided by sigma_t^2 (so that every task counts the same, as in the
+paper), their sum, and the task weights over time for the methods whose state
+has a ``task_weights`` field (normalised to sum to T; methods without one are
+drawn as constant weights 1). The static weights 1/sigma_t^2 (which know the
+scales in advance) are added as a reference.
+
+Usage::
+
+  python benchmarks/gradnorm_synthetic.py             # 3,000 steps, 3 seeds
+  python benchmarks/gradnorm_synthetic.py --quick     # 300 steps, 2 seeds
+  python benchmarks/gradnorm_synthetic.py --sigmas 1,10,30,100
+
+References:
+  Chen, Badrinarayanan, Lee, Rabinovich. GradNorm: Gradient Normalization for
+  Adaptive Loss Balancing in Deep Multitask Networks. ICML 2018.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (sets sys.path and the Agg backend)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import methods as methods_lib  # noqa: E402
+import optax_mtl as mtl  # noqa: E402
+
+IN_DIM, OUT_DIM, WIDTH, DEPTH = 250, 100, 100, 4
+NUM_TRAIN, NUM_TEST, BATCH = 10_000, 2_000, 128
+LEARNING_RATE = 1e-3
+NUM_RECORDS = 30
+
+
+def make_data(sigmas: np.ndarray, seed: int):
+  """Train/test inputs and stacked targets [N, T, OUT_DIM] (float32)."""
+  rng = np.random.default_rng(seed)
+  b = rng.normal(0.0, 10.0, (IN_DIM, OUT_DIM))
+  eps = rng.normal(0.0, 3.5, (len(sigmas), IN_DIM, OUT_DIM))
+  x = rng.uniform(0.0, 1.0, (NUM_TRAIN + NUM_TEST, IN_DIM))  # i.i.d.: already shuffled
+  y = sigmas[None, :, None] * np.tanh(np.einsum("ni,tio->nto", x, b + eps))
+  x, y = x.astype(np.float32), y.astype(np.float32)
+  return (x[:NUM_TRAIN], y[:NUM_TRAIN]), (x[NUM_TRAIN:], y[NUM_TRAIN:])
+
+
+def init_params(key: jax.Array, num_tasks: int) -> dict:
+  """He-initialised trunk and heads (plain pytree)."""
+  keys = jax.random.split(key, DEPTH + 1)
+  trunk, fan_in = [], IN_DIM
+  for k in keys[:DEPTH]:
+    w = jax.random.normal(k, (fan_in, WIDTH)) * jnp.sqrt(2.0 / fan_in)
+    trunk.append({"w": w, "b": jnp.zeros(WIDTH)})
+    fan_in = WIDTH
+  heads = {"w": jax.random.normal(keys[DEPTH], (num_tasks, WIDTH, OUT_DIM))
+                * jnp.sqrt(1.0 / WIDTH),
+           "b": jnp.zeros((num_tasks, OUT_DIM))}
+  return {"trunk": trunk, "heads": heads}
+
+
+def predict(params: dict, x: jax.Array) -> jax.Array:
+  """Predictions [N, T, OUT_DIM]."""
+  h = x
+  for layer in params["trunk"]:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"][None])
+  return (jnp.einsum("nh,tho->nto", h, params["heads"]["w"])
+          + params["heads"]["b"][None])
+
+
+def task_losses(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean squared error of each task: f32[T]."""
+  return jnp.mean((predict(params, x) - y) ** 2, axis=(0, 2))
+
+
+def make_run(method_tx, num_tasks: int, steps: int, sigmas):
+  """Jitted ``(params [S], data) -> (test curve [S, R, T], weights [S, R, T], final [S, T])``.
+
+  ``params`` holds one initialisation per seed (leading axis S); ``data`` is
+  ``((x_batches [NB, B, IN], y_batches [NB, B, T, OUT]), (x_test, y_test))``
+  and step i trains on batch i mod NB. The data travel as arguments and the
+  initialisation is done outside: both keep the compiled program small
+  (closed-over arrays become constants, which makes compilation slow).
+  """
+  tx = optax.chain(method_tx, optax.adam(LEARNING_RATE))
+  jac = mtl.value_and_jacobian(task_losses)
+  norm = np.asarray(sigmas, np.float32) ** 2
+  every = max(1, steps // NUM_RECORDS)
+  records, rest = divmod(steps, every)
+
+  def weights_of(state):
+    w = common.task_weights(state)
+    if w is None or w.shape != (num_tasks,):
+      return jnp.ones(num_tasks)
+    return w * num_tasks / jnp.sum(w)
+
+  def step(data, carry, i):
+    x_b, y_b = data[0]
+    params, state = carry
+    j = i % x_b.shape[0]
+    losses, task_grads = jac(params, x_b[j], y_b[j])
+    updates, state = tx.update(task_grads, state, params, losses=losses)
+    return (optax.apply_updates(params, updates), state), None
+
+  def chunk(data, carry, i):
+    carry, _ = jax.lax.scan(functools.partial(step, data), carry,
+                            i * every + jnp.arange(every))
+    test_loss = task_losses(carry[0], *data[1]) / norm
+    return carry, (test_loss, weights_of(carry[1]))
+
+  def one(params, data):
+    carry = (params, tx.init(params))
+    carry, (curve, weights) = jax.lax.scan(functools.partial(chunk, data),
+                                           carry, jnp.arange(records))
+    if rest:  # static: only compiled when steps is not a multiple of every
+      carry, _ = jax.lax.scan(functools.partial(step, data), carry,
+                              records * every + jnp.arange(rest))
+    final = task_losses(carry[0], *data[1]) / norm
+    return curve, weights, final
+
+  return jax.jit(jax.vmap(one, in_axes=(0, None))), every
+
+
+def plot(results: dict, sigmas, every: int, path: str) -> None:
+  import matplotlib.pyplot as plt
+  labels = list(results)
+  num_tasks = len(sigmas)
+  n = len(labels)
+  fig, axes = plt.subplots(2, max(num_tasks, n), squeeze=False,
+                           figsize=(3.0 * max(num_tasks, n), 5.6))
+  for ax in axes.ravel():
+    ax.axis("off")
+  for t in range(num_tasks):
+    ax = axes[0, t]
+    ax.axis("on")
+    for label in labels:
+      c = np.asarray(results[label]["curve_mean"], dtype=np.float64)[:, t]
+      x = every * np.arange(1, len(c) + 1)
+      ax.plot(x, c, label=label, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_title(f"task {t + 1} (sigma={sigmas[t]:g}): test loss / sigma^2",
+                 fontsize=8)
+    ax.set_xlabel("step", fontsize=7)
+    ax.tick_params(labelsize=7)
+  axes[0, 0].legend(fontsize=6)
+  for i, label in enumerate(labels):
+    ax = axes[1, i]
+    ax.axis("on")
+    w = np.asarray(results[label]["weights_mean"], dtype=np.float64)
+    x = every * np.arange(1, len(w) + 1)
+    for t in range(num_tasks):
+      ax.plot(x, w[:, t], lw=1.2, label=f"task {t + 1}")
+    note = "" if results[label]["has_task_weights"] else " (no task_weights: drawn as 1)"
+    ax.set_title(f"{label}: weights{note}", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step", fontsize=7)
+    ax.tick_params(labelsize=7)
+  axes[1, 0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def run(argv=None) -> dict:
+  p = common.parser(__doc__.splitlines()[0], steps=3_000, seeds=3)
+  p.add_argument("--sigmas", type=str, default="1,100",
+                 help="comma-separated task scales sigma_t (T = their number)")
+  p.add_argument("--data-seed", type=int, default=0)
+  args = p.parse_args(argv)
+  steps = common.positive("steps", args.steps or (300 if args.quick else 3_000))
+  seeds = common.positive("seeds", args.seeds or (2 if args.quick else 3))
+  try:
+    sigmas = np.asarray([float(s) for s in args.sigmas.split(",")], np.float32)
+  except ValueError:
+    raise ValueError(f"--sigmas must be comma-separated numbers, got {args.sigmas!r}.")
+  if sigmas.size < 2 or not np.all(sigmas > 0) or not np.all(np.isfinite(sigmas)):
+    raise ValueError(f"--sigmas needs at least two positive finite scales, got {args.sigmas!r}.")
+  num_tasks = int(sigmas.size)
+  inverse = 1.0 / sigmas.astype(np.float64) ** 2
+  oracle = methods_lib.Method(
+      "static 1/sigma^2",
+      lambda T: mtl.weighted(jnp.asarray(inverse / inverse.sum() * T, jnp.float32)))
+  selected = methods_lib.select(methods_lib.METHODS + (oracle,), args.methods)
+  (x_tr, y_tr), test = make_data(sigmas, args.data_seed)
+  num_batches = NUM_TRAIN // BATCH
+  batches = (x_tr[:num_batches * BATCH].reshape(num_batches, BATCH, IN_DIM),
+             y_tr[:num_batches * BATCH].reshape(num_batches, BATCH, num_tasks,
+                                                OUT_DIM))
+  data = jax.tree.map(jnp.asarray, (batches, test))
+  keys = jax.random.split(jax.random.key(0), seeds)
+  params = jax.jit(jax.vmap(lambda k: init_params(k, num_tasks)))(keys)
+  params0 = jax.tree.map(lambda a: a[0], params)
+
+  copts = common.compiler_options(args)
+  results, skipped, every = {}, {}, 1
+  for method in common.progress(selected, "gradnorm_synthetic", args.no_progress):
+    if method.needs_kpis:
+      skipped[method.label] = "needs kpis (this benchmark has none)"
+      continue
+    try:
+      with common.Timer() as t_compile:
+        tx = method.make(num_tasks)
+        fn, every = make_run(tx, num_tasks, steps, sigmas)
+        compiled = fn.lower(params, data).compile(copts)
+    except (ValueError, TypeError) as e:
+      skipped[method.label] = common.method_error(e)
+      continue
+    with common.Timer() as t_run:
+      curve, weights, final = jax.block_until_ready(compiled(params, data))
+    has_weights = common.task_weights(jax.eval_shape(tx.init, params0)) is not None
+    final = np.asarray(final, np.float64)
+    total = final.sum(axis=1)
+    results[method.label] = {
+        "test_loss_over_sigma2": [common.finite_or_none(v) for v in final.mean(0)],
+        "test_loss_over_sigma2_std": [common.finite_or_none(v) for v in final.std(0)],
+        "sum": common.finite_or_none(total.mean()),
+        "sum_std": common.finite_or_none(total.std()),
+        "per_seed_sum": [common.finite_or_none(v) for v in total],
+        "has_task_weights": has_weights,
+        "final_weights": [common.finite_or_none(v)
+                          for v in np.asarray(weights)[:, -1].mean(0)],
+        "curve_mean": [[common.finite_or_none(v) for v in r]
+                       for r in np.asarray(curve, np.float64).mean(0)],
+        "weights_mean": [[common.finite_or_none(v) for v in r]
+                         for r in np.asarray(weights, np.float64).mean(0)],
+        "compile_seconds": t_compile.seconds,
+        "run_seconds": t_run.seconds,
+    }
+
+  payload = {
+      "benchmark": "gradnorm_synthetic",
+      "settings": {"steps": steps, "seeds": seeds, "sigmas": sigmas.tolist(),
+                   "in_dim": IN_DIM, "out_dim": OUT_DIM, "width": WIDTH,
+                   "depth": DEPTH, "num_train": NUM_TRAIN, "num_test": NUM_TEST,
+                   "batch": BATCH, "optimizer": "adam",
+                   "learning_rate": LEARNING_RATE, "record_every": every,
+                   "data_seed": args.data_seed, "quick": args.quick,
+                   "compiler_options": copts},
+      "device": common.device_info(),
+      "results": results,
+      "skipped": skipped,
+  }
+  stem = "gradnorm_synthetic_quick" if args.quick else "gradnorm_synthetic"
+  common.write_json(os.path.join(args.out, stem + ".json"), payload)
+  header = (["method"]
+            + [f"task {t + 1} (sigma {s:g})" for t, s in enumerate(sigmas)]
+            + ["sum", "final weights", "run s"])
+  rows = []
+  for label, r in results.items():
+    cells = [f"{m:.4g} ± {s:.2g}" if m is not None and s is not None else "diverged"
+             for m, s in zip(r["test_loss_over_sigma2"], r["test_loss_over_sigma2_std"])]
+    total = (f"{r['sum']:.4g} ± {r['sum_std']:.2g}"
+             if r["sum"] is not None and r["sum_std"] is not None else "diverged")
+    fw = (", ".join(f"{w:.3g}" for w in r["final_weights"] if w is not None)
+          if r["has_task_weights"] else "fixed")
+    rows.append([label] + cells + [total, fw, r["run_seconds"]])
+  md = (f"# GradNorm synthetic regression\n\nTest loss of each task divided by "
+        f"sigma_t^2 (lower is better), mean ± std over {seeds} seeds, after "
+        f"{steps} Adam steps (lr {LEARNING_RATE}, batch {BATCH}); final weights "
+        f"normalised to sum to T. {common.device_line()}\n\n"
+        + common.markdown_table(header, rows) + "\n")
+  if skipped:
+    md += "\nSkipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "\n"
+  if results:
+    md += f"\n![test losses and weights]({stem}.png)\n"
+    plot(results, sigmas.tolist(), every, os.path.join(args.out, stem + ".png"))
+  common.write_text(os.path.join(args.out, stem + ".md"), md)
+  print(md)
+  return payload
+
+
+if __name__ == "__main__":
+  run()

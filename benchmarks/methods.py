@@ -1,0 +1,77 @@
+"""The methods every quality benchmark runs, one line each.
+
+Each entry builds, for T tasks, the transformation chained *before* the
+optimizer: it maps per-task gradients (every leaf with a leading task axis T)
+to one update, so a task scaling must be followed by an aggregator
+(``optax.chain(mtl.scale_by_x(...), mtl.sum())``, or its alias). The
+benchmarks call, for every entry::
+
+  tx = optax.chain(method.make(T), optax.adam(lr))
+  losses, task_grads = mtl.value_and_jacobian(loss_fn)(params, batch)
+  updates, state = tx.update(task_grads, state, params, losses=losses,
+                             kpis=kpis)
+
+``losses`` is always passed; ``kpis`` (per-task scores in (0, 1], higher is
+better) only by benchmarks that have them -- a benchmark without KPIs skips the
+entries with ``needs_kpis=True`` and says so in its results. A method with
+per-task state takes T from the factory's argument; a method with randomness
+takes a fixed seed here (the benchmarks vmap over their own seeds).
+
+Adding a method to every benchmark is one line in ``METHODS``, e.g.::
+
+  Method("pcgrad", lambda T: mtl.pcgrad(seed=0)),
+  Method("uncertainty", lambda T: mtl.uncertainty_weighting(num_tasks=T),
+         needs_losses=True),
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import optax
+
+import optax_mtl as mtl
+
+
+class Method(NamedTuple):
+  """One benchmarked method.
+
+  Attributes:
+    label: short name used in tables, plots and ``--methods``.
+    make: ``T -> optax.GradientTransformationExtraArgs`` mapping per-task
+      gradients to one update (chained before the optimizer).
+    needs_losses: whether ``update`` requires ``losses=`` (the benchmarks pass
+      them to every method anyway).
+    needs_kpis: whether ``update`` requires ``kpis=``.
+  """
+  label: str
+  make: Callable[[int], optax.GradientTransformationExtraArgs]
+  needs_losses: bool = False
+  needs_kpis: bool = False
+
+
+METHODS: tuple[Method, ...] = (
+    Method("sum", lambda T: mtl.sum()),
+    Method("mean", lambda T: mtl.mean()),
+)
+
+
+def select(methods: tuple[Method, ...], spec: str | None) -> tuple[Method, ...]:
+  """Picks the methods named in a comma-separated ``spec`` (None: all).
+
+  Raises:
+    ValueError: a name in ``spec`` is not a label of ``methods``, or a label
+      is repeated.
+  """
+  labels = [m.label for m in methods]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"Method labels must be unique, got {labels}.")
+  if spec is None or not spec.strip():
+    return tuple(methods)
+  wanted = [s.strip() for s in spec.split(",") if s.strip()]
+  unknown = [w for w in wanted if w not in labels]
+  if unknown:
+    raise ValueError(
+        f"Unknown method(s) {unknown} in --methods; choose among {labels}.")
+  by_label = {m.label: m for m in methods}
+  return tuple(by_label[w] for w in dict.fromkeys(wanted))

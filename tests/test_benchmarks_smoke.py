@@ -1,0 +1,138 @@
+"""The quality benchmarks run end to end and their numbers make sense.
+
+Each benchmark runs in-process in a tiny setting. The toy problem runs every
+registered method (compiling it costs about a second); the two network
+benchmarks run the equal-weight baseline and their static reference weights,
+where the expected ordering is known.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks")
+sys.path.insert(0, _BENCH)
+
+import gradnorm_synthetic  # noqa: E402
+import methods as methods_lib  # noqa: E402
+import multidigits  # noqa: E402
+import toy_pareto  # noqa: E402
+
+
+def _load(out, stem):
+  with open(os.path.join(out, stem + ".json")) as f:
+    payload = json.load(f)
+  for ext in (".md", ".png"):
+    assert os.path.getsize(os.path.join(out, stem + ext)) > 0
+  return payload
+
+
+def test_registry_labels_and_selection():
+  labels = [m.label for m in methods_lib.METHODS]
+  assert len(labels) == len(set(labels))
+  assert "mean" in labels and "sum" in labels
+  assert [m.label for m in methods_lib.select(methods_lib.METHODS, "mean,sum")] == ["mean", "sum"]
+  with pytest.raises(ValueError, match="Unknown method"):
+    methods_lib.select(methods_lib.METHODS, "mean,no_such_method")
+
+
+def test_pareto_set_matches_published_value_and_distances():
+  curve = toy_pareto.pareto_set()
+  # Published: x2 = -8.3552 (at x1 = 0); the ends are lower.
+  np.testing.assert_allclose(curve[len(curve) // 2], [0.0, -8.3552], atol=2e-4)
+  assert curve[0, 1] < curve[len(curve) // 2, 1]
+  d = toy_pareto.pareto_distance(np.array([[0.0, curve[len(curve) // 2, 1]],
+                                           [10.0, curve[-1, 1]],
+                                           [np.nan, 0.0]]))
+  np.testing.assert_allclose(d[:2], [0.0, 3.0], atol=1e-6)
+  assert np.isnan(d[2])
+
+
+def test_toy_mean_reaches_its_closed_form_pareto_point(tmp_path):
+  out = str(tmp_path)
+  toy_pareto.run(["--methods", "mean", "--out", out, "--no-progress"])
+  res = _load(out, "toy_pareto")["results"]["mean"]
+  # mean minimises (0.1 L1 + L2) / 2: weight 1/11 on L1, so on the Pareto set
+  # x1 = 7 (2/11 - 1) = -5.727 (see toy_pareto's docstring).
+  by_start = {tuple(s["start"]): s for s in res["starts"]}
+  for start in [(-7.5, -0.5), (9.0, -1.0), (0.0, 0.0)]:
+    s = by_start[start]
+    assert s["reached"], s
+    assert s["distance"] < 0.01
+    assert abs(s["final"][0] - 7 * (2 / 11 - 1)) < 0.02, s
+  # From (9, 9) equal weights stall on the plateau of the upper half-plane.
+  assert not by_start[(9.0, 9.0)]["reached"]
+  assert by_start[(9.0, 9.0)]["final"][1] > 0
+
+
+def test_toy_every_method_runs(tmp_path):
+  out = str(tmp_path)
+  payload = toy_pareto.run(["--quick", "--steps", "300", "--out", out,
+                            "--no-progress"])
+  saved = _load(out, "toy_pareto_quick")
+  assert saved["settings"]["steps"] == 300
+  done = set(saved["results"]) | set(saved["skipped"])
+  assert done == {m.label for m in methods_lib.METHODS}
+  for label, r in saved["results"].items():
+    assert len(r["starts"]) == 5
+    for s in r["starts"]:
+      assert s["distance"] is not None and math.isfinite(s["distance"]), label
+    # An Adam step moves a coordinate by at most lr (1 - b1) / sqrt(1 - b2)
+    # = 3.16e-3, so 300 steps stay within 0.95 of the start.
+    first = np.array([s["start"] for s in r["starts"]])
+    last = np.array([s["final"] for s in r["starts"]])
+    assert np.all(np.abs(last - first) < 0.95), label
+    assert np.any(np.abs(last - first) > 0.05), label
+  assert payload["device"]["backend"] == "cpu"
+
+
+def test_gradnorm_synthetic_static_weights_beat_sum(tmp_path):
+  out = str(tmp_path)
+  gradnorm_synthetic.run(["--quick", "--steps", "120", "--seeds", "2",
+                          "--methods", "sum,static 1/sigma^2", "--out", out,
+                          "--no-progress"])
+  saved = _load(out, "gradnorm_synthetic_quick")
+  res = saved["results"]
+  assert set(res) == {"sum", "static 1/sigma^2"}
+  for r in res.values():
+    assert all(math.isfinite(v) for v in r["test_loss_over_sigma2"])
+    assert math.isclose(r["sum"], sum(r["test_loss_over_sigma2"]), rel_tol=1e-6)
+    assert not r["has_task_weights"]
+    np.testing.assert_allclose(np.array(r["weights_mean"]), 1.0)
+    assert len(r["curve_mean"]) == 120 // saved["settings"]["record_every"]
+  # sigma = (1, 100): with equal weights task 1's gradient is 10^4 times too
+  # light; with weights 1/sigma^2 it learns much faster.
+  static = res["static 1/sigma^2"]["test_loss_over_sigma2"][0]
+  assert static < 0.85 * res["sum"]["test_loss_over_sigma2"][0]
+
+
+def test_multidigits_delta_m_formula():
+  # Accuracies 0.9 and 0.8 against 1.0 (higher is better), RMSE 110 against
+  # 100 (lower is better): (10% + 20% + 10%) / 3.
+  got = multidigits.delta_m(np.array([0.9, 0.8, 110.0]), np.array([1.0, 1.0, 100.0]))
+  assert got == pytest.approx(40.0 / 3)
+
+
+def test_multidigits_runs_and_reports_delta_m(tmp_path):
+  out = str(tmp_path)
+  multidigits.run(["--quick", "--steps", "200", "--seeds", "2", "--methods",
+                   "mean,static 1/E[L0]", "--out", out, "--no-progress"])
+  saved = _load(out, "multidigits_quick")
+  stl = np.array(saved["single_task"]["metrics"])
+  assert np.all((stl[:2] > 0.5) & (stl[:2] <= 1.0))  # digits are easy
+  assert stl[2] > 0
+  for label, r in saved["results"].items():
+    metrics = np.array(r["per_seed_metrics"])
+    assert metrics.shape == (2, 3) and np.all(np.isfinite(metrics)), label
+    np.testing.assert_allclose(r["per_seed_delta_m"],
+                               multidigits.delta_m(metrics, stl), rtol=1e-6)
+  # Equal weights let the squared error (~10^6) swamp the classification
+  # losses (~2); weights 1/E[L0] put them back on one scale.
+  res = saved["results"]
+  assert res["static 1/E[L0]"]["metrics"][0] > res["mean"]["metrics"][0] + 0.2
+  assert res["static 1/E[L0]"]["delta_m"] < res["mean"]["delta_m"]
