@@ -53,6 +53,24 @@ class Method(NamedTuple):
 METHODS: tuple[Method, ...] = (
     Method("sum", lambda T: mtl.sum()),
     Method("mean", lambda T: mtl.mean()),
+    Method("initial loss", lambda T: mtl.initial_loss_weighting(num_tasks=T),
+           needs_losses=True),
+    Method("realtime loss", lambda T: mtl.realtime_loss_weighting(),
+           needs_losses=True),
+    Method("uncertainty", lambda T: mtl.uncertainty_weighting(num_tasks=T),
+           needs_losses=True),
+    Method("dwa", lambda T: mtl.dwa(num_tasks=T, period=50), needs_losses=True),
+    Method("dtp", lambda T: mtl.dtp(num_tasks=T, smoothing=0.9), needs_kpis=True),
+    Method("rlw", lambda T: mtl.random_weighting(seed=0)),
+    Method("gls", lambda T: mtl.geometric_loss_weighting(), needs_losses=True),
+    Method("imtl-l", lambda T: mtl.imtl_l(num_tasks=T), needs_losses=True),
+    Method("famo", lambda T: mtl.famo(num_tasks=T), needs_losses=True),
+    Method("gradnorm", lambda T: mtl.gradnorm(T), needs_losses=True),
+    Method("normalize", lambda T: optax.chain(mtl.normalize_gradients(), mtl.sum())),
+    Method("mgda", lambda T: mtl.mgda()),
+    Method("mgda-l2", lambda T: mtl.mgda(normalization="l2")),
+    Method("pcgrad", lambda T: mtl.pcgrad(seed=0)),
+    Method("cagrad", lambda T: mtl.cagrad(c=0.4)),
 )
 
 

@@ -28,8 +28,8 @@ SCALES = jnp.array([1.0, 100.0])  # task 1's targets are 100x larger
 def make_data(key, n=512):
   kx, kn = jax.random.split(key)
   x = jax.random.normal(kx, (n, 8))
-  y = jnp.stack([jnp.sin(x[:, 0]) + x[:, 1], x[:, 2] * x[:, 3]], axis=1) * SCALES
-  return x, y + 0.01 * jax.random.normal(kn, y.shape) * SCALES
+  y = jnp.stack([jnp.sin(x[:, 0]) + x[:, 1], x[:, 2] * x[:, 3]], axis=1) * SCALES[None, :]
+  return x, y + 0.01 * jax.random.normal(kn, y.shape) * SCALES[None, :]
 
 
 def init_params(key):
@@ -39,7 +39,8 @@ def init_params(key):
 
 
 def task_losses(params, x, y):
-  pred = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+  hidden = jnp.tanh(x @ params["w1"] + params["b1"][None, :])
+  pred = hidden @ params["w2"] + params["b2"][None, :]
   return jnp.mean((pred - y) ** 2, axis=0)  # [T] losses
 
 
@@ -81,10 +82,10 @@ def nnx_variant(x, y, steps):
   return jnp.mean((model(x) - y) ** 2, axis=0), weights
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=200)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   x, y = make_data(jax.random.key(0))
   # Relative errors (loss / target variance) make the two tasks comparable.
   variance = jnp.var(y, axis=0)

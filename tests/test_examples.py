@@ -57,3 +57,20 @@ def test_checkpoint_restore_continues_identically():
   assert jax.tree.structure(straight) == jax.tree.structure(resumed)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_compose_and_log_weights_follow_the_losses():
+  history = load("compose_and_log").main(steps=120, verbose=False)
+  losses, weights = history[-1]
+  assert weights.shape == (2,)
+  # Uncertainty weighting drives 1 / (2 w_t) toward L_t: the task with the
+  # far larger loss gets the far smaller weight, and every loss has dropped.
+  assert weights[0] > 100 * weights[1]
+  assert np.all(losses < history[0][0])
+
+
+def test_one_backward_example_runs(capsys):
+  load("one_backward").main(["--steps", "20"])
+  printed = capsys.readouterr().out
+  assert printed.count("relative losses") == 4
+  assert "nan" not in printed.lower()
