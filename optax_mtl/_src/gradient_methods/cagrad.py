@@ -29,6 +29,8 @@ def _check(c, rescale):
         f"(divide by 1 + c), got {rescale!r}.")
 
 
+# Compiled once per shape, so eager updates do not retrace the solver loop.
+@jax.jit
 def dual_weights(gram_matrix: jax.Array, c, max_iters=_MAX_ITERS, tol=_TOL):
   """Solves CAGrad's dual on the simplex from the Gramian.
 

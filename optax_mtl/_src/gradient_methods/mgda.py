@@ -55,6 +55,8 @@ def _normalizers(normalization, gram, losses):
   return rel_loss * _positive_or_one(unit), loss * _positive_or_one(gram.norms())
 
 
+# Compiled once per shape, so eager updates do not retrace the solver loop.
+@jax.jit
 def min_norm_weights(gram_matrix: jax.Array, max_iters=250, tol=1e-6):
   """Weights of the min-norm point of the convex hull of the gradients.
 

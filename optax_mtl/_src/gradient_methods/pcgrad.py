@@ -26,6 +26,8 @@ class PCGradState(NamedTuple):
   key: jax.Array
 
 
+# Compiled once per shape, so eager updates do not retrace the scan.
+@jax.jit
 def projection_coefficients(gram_matrix: jax.Array, orders: jax.Array) -> jax.Array:
   """PCGrad's projected gradients as combinations of the original ones.
 
