@@ -103,12 +103,16 @@ class Timer:
     return False
 
 
+def has_task_weights(state) -> bool:
+  """Whether an optimizer state (or its ``jax.eval_shape``) logs weights."""
+  return bool(optax.tree.get_all_with_path(state, "task_weights"))
+
+
 def task_weights(state) -> jax.Array | None:
   """The first ``task_weights`` leaf of an optimizer state, or None."""
-  found = optax.tree.get_all_with_path(state, "task_weights")
-  if not found:
+  if not has_task_weights(state):
     return None
-  return jnp.asarray(found[0][1], jnp.float32)
+  return jnp.asarray(optax.tree.get(state, "task_weights"), jnp.float32)
 
 
 def method_error(e: Exception) -> str:

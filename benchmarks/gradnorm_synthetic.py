@@ -230,7 +230,7 @@ def run(argv=None) -> dict:
       continue
     with common.Timer() as t_run:
       curve, weights, final = jax.block_until_ready(compiled(params, data))
-    has_weights = common.task_weights(jax.eval_shape(tx.init, params0)) is not None
+    has_weights = common.has_task_weights(jax.eval_shape(tx.init, params0))
     final = np.asarray(final, np.float64)
     total = final.sum(axis=1)
     results[method.label] = {

@@ -94,11 +94,17 @@ def test_toy_every_method_runs(tmp_path):
 def test_gradnorm_synthetic_static_weights_beat_sum(tmp_path):
   out = str(tmp_path)
   gradnorm_synthetic.run(["--quick", "--steps", "120", "--seeds", "2",
-                          "--methods", "sum,static 1/sigma^2", "--out", out,
-                          "--no-progress"])
+                          "--methods", "sum,static 1/sigma^2,uncertainty",
+                          "--out", out, "--no-progress"])
   saved = _load(out, "gradnorm_synthetic_quick")
   res = saved["results"]
-  assert set(res) == {"sum", "static 1/sigma^2"}
+  assert set(res) == {"sum", "static 1/sigma^2", "uncertainty"}
+  # A method that logs task_weights has them recorded, normalised to sum T.
+  learned = res.pop("uncertainty")
+  assert learned["has_task_weights"]
+  curve = np.asarray(learned["weights_mean"])
+  np.testing.assert_allclose(curve.sum(axis=1), 2.0, rtol=1e-5)
+  assert np.ptp(curve[:, 0]) > 0  # learned weights move
   for r in res.values():
     assert all(math.isfinite(v) for v in r["test_loss_over_sigma2"])
     assert math.isclose(r["sum"], sum(r["test_loss_over_sigma2"]), rel_tol=1e-6)
