@@ -3,7 +3,8 @@
 Every state of optax_mtl is a NamedTuple of arrays, so the whole train state
 (parameters and the chained optimizer state) is one pytree that Orbax saves
 as it is; restoring against the abstract state of a fresh ``init`` gives back
-the same NamedTuples, and training resumes bit for bit.
+the same NamedTuples (learned task weights and random keys included), and
+training resumes bit for bit.
 
 Run:  python examples/checkpointing.py
 """
@@ -30,7 +31,10 @@ def task_losses(params, x):
 
 
 def make_optimizer():
-  return optax.chain(mtl.weighted(jnp.array([1.0, 0.1])), optax.adam(1e-2))
+  # Every part has state: the learned uncertainty parameters, PCGrad's random
+  # key (its task order changes each step) and Adam's moments.
+  return optax.chain(mtl.scale_by_uncertainty(num_tasks=2, learning_rate=0.05),
+                     mtl.pcgrad(seed=0), optax.adam(1e-2))
 
 
 def batch(step):

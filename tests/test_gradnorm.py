@@ -13,7 +13,7 @@ def test_weight_step_hand_computed():
   # Norms 1 and 3, weights (1, 1), losses equal to the initial ones (r = 1).
   # G = (1, 3), mean 2, targets (2, 2): signs (-1, +1), grads (-1, +3).
   # w = (1 + 0.1, 1 - 0.3) = (1.1, 0.7), renormalised to sum 2: (1.2222, 0.7778).
-  tx = mtl.scale_by_gradnorm(2, alpha=1.5, learning_rate=0.1)
+  tx = mtl.scale_by_gradnorm(2, alpha=1.5, optimizer=optax.sgd(0.1))
   grads = {"w": jnp.array([[1.0, 0.0], [0.0, 3.0]])}
   losses = jnp.array([2.0, 5.0])
   state = tx.init(None)
@@ -37,7 +37,7 @@ def test_weight_step_hand_computed():
 
 def test_layer_mask_picks_the_leaves():
   grads = {"last": jnp.array([[1.0], [3.0]]), "other": jnp.array([[100.0], [0.0]])}
-  tx = mtl.scale_by_gradnorm(2, learning_rate=0.1,
+  tx = mtl.scale_by_gradnorm(2, optimizer=optax.sgd(0.1),
                              layer={"last": True, "other": False})
   _, state = tx.update(grads, tx.init(None), losses=jnp.ones(2))
   np.testing.assert_allclose(state.task_weights, [2 * 1.1 / 1.8, 2 * 0.7 / 1.8], rtol=1e-6)
@@ -45,8 +45,9 @@ def test_layer_mask_picks_the_leaves():
   np.testing.assert_allclose(found, state.task_weights)
 
 
-def test_weights_stay_positive_and_sum_to_t():
-  tx = mtl.scale_by_gradnorm(3, learning_rate=10.0)
+@pytest.mark.parametrize("optimizer", [None, optax.sgd(10.0)], ids=["adam", "sgd"])
+def test_weights_stay_positive_and_sum_to_t(optimizer):
+  tx = mtl.scale_by_gradnorm(3, learning_rate=10.0, optimizer=optimizer)
   grads = {"w": jnp.array([[1e20, 0.0], [0.0, 1.0], [1.0, 1.0]])}
   state = tx.init(None)
   for step in range(5):
@@ -56,9 +57,24 @@ def test_weights_stay_positive_and_sum_to_t():
     np.testing.assert_allclose(w.sum(), 3.0, rtol=1e-5)
 
 
+def test_default_adam_step_does_not_depend_on_the_norms_scale():
+  # Adam's first step is learning_rate * sign(gradient) whatever the norms:
+  # with norms (1, 3) or (1e4, 3e4) the weights move by the same amount.
+  losses = jnp.array([2.0, 5.0])
+  moved = []
+  for scale in (1.0, 1e4):
+    grads = {"w": scale * jnp.array([[1.0, 0.0], [0.0, 3.0]])}
+    tx = mtl.scale_by_gradnorm(2, learning_rate=0.1)
+    _, state = tx.update(grads, tx.init(None), losses=losses)
+    moved.append(np.asarray(state.task_weights))
+  # Signs (-1, +1): w = (1.1, 0.9) -> renormalised to sum 2: unchanged.
+  np.testing.assert_allclose(moved[0], [1.1, 0.9], rtol=1e-5)
+  np.testing.assert_allclose(moved[1], moved[0], rtol=1e-6)
+
+
 def test_alias_is_scaling_then_sum():
   grads = {"w": jnp.array([[1.0, 0.0], [0.0, 3.0]])}
-  tx = mtl.gradnorm(2, learning_rate=0.1)
+  tx = mtl.gradnorm(2, optimizer=optax.sgd(0.1))
   state = tx.init(None)
   losses = jnp.array([2.0, 5.0])
   _, state = tx.update(grads, state, losses=losses)

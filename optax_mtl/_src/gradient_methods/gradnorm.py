@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ from optax_mtl._src import masking
 from optax_mtl._src import transform
 from optax_mtl._src import validation
 from optax_mtl._src.gradient_methods import _simplex
+from optax_mtl._src.loss_weighting import _learned
 
 _METHOD = "mtl.scale_by_gradnorm"
 # Weights after a step are kept in [_MIN_WEIGHT, _MAX_WEIGHT] before the
@@ -32,10 +33,12 @@ class GradNormState(NamedTuple):
       to T).
     initial_losses: [T] float32, ``L_t(0)``, recorded at the first update.
     count: int32, number of updates so far.
+    optimizer_state: state of the optimizer of the weights.
   """
   task_weights: jax.Array
   initial_losses: jax.Array
   count: jax.Array
+  optimizer_state: Any
 
 
 def check_num_tasks(num_tasks, method):
@@ -72,32 +75,31 @@ def inverse_training_rates(losses, initial_losses):
   return jnp.maximum(rates, _MIN_RATIO)
 
 
-def gradnorm_step(task_weights, norms, rates, alpha, learning_rate):
-  """One GradNorm update of the task weights.
+def weight_gradient(task_weights, norms, rates, alpha):
+  """Gradient of GradNorm's loss in the weights, targets held constant.
 
   With ``G_t = w_t n_t`` (``n_t = ||grad_W L_t||``) and the targets
-  ``mean(G) r_t^alpha`` held constant, ``L_grad = sum_t |G_t - target_t|``
-  has gradient ``sign(G_t - target_t) n_t`` in ``w_t``. One gradient step,
-  clamped positive, then renormalised so the weights sum to T.
+  ``mean(G) r_t^alpha``, ``L_grad = sum_t |G_t - target_t|`` has gradient
+  ``sign(G_t - target_t) n_t`` in ``w_t``.
 
   Args:
     task_weights: [T] current weights ``w(t)``.
     norms: [T] gradient norms ``n_t`` on the layer W.
     rates: [T] inverse training rates ``r_t``.
     alpha: restoring-force strength.
-    learning_rate: step size on the weights.
 
   Returns:
-    [T] weights ``w(t + 1)``.
+    [T] gradient.
   """
-  num = task_weights.shape[0]
   weighted = task_weights * norms
   target = jnp.mean(weighted) * rates ** jnp.asarray(alpha, jnp.float32)
-  grad = jnp.sign(weighted - target) * norms
-  stepped = task_weights - jnp.asarray(learning_rate, jnp.float32) * grad
-  stepped = jnp.where(jnp.isnan(stepped), task_weights, stepped)
+  return jnp.sign(weighted - target) * norms
+
+
+def renormalize(stepped):
+  """Clamps stepped weights positive and rescales them to sum to T."""
   stepped = jnp.clip(stepped, _MIN_WEIGHT, _MAX_WEIGHT)
-  return num * stepped / jnp.sum(stepped)
+  return stepped.shape[0] * stepped / jnp.sum(stepped)
 
 
 def scale_by_gradnorm(
@@ -106,6 +108,7 @@ def scale_by_gradnorm(
     learning_rate: float = 0.025,
     *,
     layer: masking.SharedMask = None,
+    optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GradNorm: multiplies each task gradient by a learned weight.
 
@@ -119,8 +122,13 @@ def scale_by_gradnorm(
 
   with ``bar G = mean_t G_t`` and the targets ``bar G r_t^alpha`` held
   constant, so ``dL_grad / dw_t = sign(G_t - target_t) ||grad_W L_t||``.
-  After the step the weights are clamped positive and renormalised to sum
-  T. As in the paper, the update at step t applies ``w(t)`` and stores
+  The step is taken by Adam, as when the weights are parameters trained by
+  the network's Adam: its step size does not depend on the gradient norms,
+  which may differ between tasks by orders of magnitude (a plain gradient
+  step of ``learning_rate * ||grad_W L_t||`` then throws the weights from
+  one extreme to the other). ``optimizer=optax.sgd(learning_rate)`` gives
+  the plain step. After the step the weights are clamped positive and
+  renormalised to sum T. As in the paper, the update at step t applies ``w(t)`` and stores
   ``w(t + 1)``; ``L_t(0)`` is taken from the first update's ``losses``.
 
   ``W`` is every leaf by default; ``layer`` picks a subset, e.g. the last
@@ -133,9 +141,11 @@ def scale_by_gradnorm(
     num_tasks: T, the number of tasks (the state holds one weight per task).
     alpha: strength of the pull toward equal training rates (>= 0). May be
       traced.
-    learning_rate: step size of the weight update. May be traced.
+    learning_rate: step size of the weight update (Adam's). May be traced.
     layer: optional mask (pytree of bools or callable on params, like
       ``shared=``) of the leaves W whose gradient norms are balanced.
+    optimizer: optional optax optimizer of the weights, replacing
+      ``optax.adam(learning_rate)``; its state lives in this state.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` task scaling with a
@@ -156,13 +166,16 @@ def scale_by_gradnorm(
   """
   check_num_tasks(num_tasks, _METHOD)
   _check_hyperparams(alpha, learning_rate, _METHOD)
+  opt = _learned.resolve_optimizer(optimizer, learning_rate, optax.adam, _METHOD)
 
   def init_fn(params):
     del params
+    weights = jnp.ones((num_tasks,), jnp.float32)
     return GradNormState(
-        task_weights=jnp.ones((num_tasks,), jnp.float32),
+        task_weights=weights,
         initial_losses=jnp.zeros((num_tasks,), jnp.float32),
-        count=jnp.zeros((), jnp.int32))
+        count=jnp.zeros((), jnp.int32),
+        optimizer_state=opt.init(weights))
 
   def weights_fn(inputs, state):
     validation.check_configured_tasks(inputs.num_tasks, num_tasks, _METHOD)
@@ -170,10 +183,13 @@ def scale_by_gradnorm(
     initial = jnp.where(state.count == 0, losses, state.initial_losses)
     rates = inverse_training_rates(losses, initial)
     norms = inputs.gramian.norms()
-    new_weights = gradnorm_step(state.task_weights, norms, rates, alpha,
-                                learning_rate)
+    grad = weight_gradient(state.task_weights, norms, rates, alpha)
+    stepped, opt_state = _learned.step(opt, state.task_weights, grad,
+                                       state.optimizer_state, _MAX_WEIGHT)
+    new_weights = renormalize(stepped)
     count = jnp.minimum(state.count, jnp.iinfo(jnp.int32).max - 1) + 1
-    return state.task_weights, GradNormState(new_weights, initial, count)
+    return state.task_weights, GradNormState(new_weights, initial, count,
+                                             opt_state)
 
   return transform.task_scaling(_METHOD, weights_fn, init_fn, shared=layer,
                                 uses_gramian=True, needs_losses=True)
@@ -185,6 +201,7 @@ def gradnorm(
     learning_rate: float = 0.025,
     *,
     layer: masking.SharedMask = None,
+    optimizer: optax.GradientTransformation | None = None,
     shared: masking.SharedMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GradNorm followed by the sum over tasks: the gradient of ``sum_t w_t L_t``.
@@ -195,9 +212,10 @@ def gradnorm(
   Args:
     num_tasks: T, the number of tasks.
     alpha: strength of the pull toward equal training rates (>= 0).
-    learning_rate: step size of the weight update.
+    learning_rate: step size of the weight update (Adam's).
     layer: mask of the leaves W whose gradient norms are balanced; defaults
       to ``shared`` (all leaves when both are None).
+    optimizer: optional optax optimizer of the weights (default Adam).
     shared: optional mask of shared leaves (pytree of bools or callable on
       params).
 
@@ -215,5 +233,6 @@ def gradnorm(
   """
   return optax.chain(
       scale_by_gradnorm(num_tasks, alpha, learning_rate,
-                        layer=shared if layer is None else layer),
+                        layer=shared if layer is None else layer,
+                        optimizer=optimizer),
       basic.sum_(shared=shared))
