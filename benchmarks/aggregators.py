@@ -112,11 +112,11 @@ def bench_solves(num_tasks=10, repeats=50):
   return {name: time_call(fn, gram, repeats=repeats) for name, fn in solves.items()}
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small smoke run")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   device = jax.devices()[0]
   kind = device.platform
   cases = QUICK_CASES if args.quick else FULL_CASES

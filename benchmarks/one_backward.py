@@ -50,7 +50,7 @@ def make_model(key, in_dim, hidden, depth, tasks):
 def task_losses(params, x, y, scales):
   h = x
   for layer in params["trunk"]:
-    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+    h = jax.nn.relu(h @ layer["w"] + layer["b"][None, :])
   pred = h @ params["heads"]
   return scales * jnp.mean((pred - y) ** 2, axis=0)
 
@@ -104,7 +104,7 @@ class Data(list):
   scales: jax.Array
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tasks", type=int, default=8)
   parser.add_argument("--batch", type=int, default=128)
@@ -119,7 +119,7 @@ def main():
                       help="steps per timing of the (slow) stacked path; it is "
                            "timed for the first method only, 0 skips it")
   parser.add_argument("--out", default=str(RESULTS / "one_backward"))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   factories = {
       "uncertainty": lambda: mtl.scale_by_uncertainty(num_tasks=args.tasks),

@@ -142,3 +142,30 @@ def test_multidigits_runs_and_reports_delta_m(tmp_path):
   res = saved["results"]
   assert res["static 1/E[L0]"]["metrics"][0] > res["mean"]["metrics"][0] + 0.2
   assert res["static 1/E[L0]"]["delta_m"] < res["mean"]["delta_m"]
+
+
+def test_aggregator_timings_report_ratios_to_one_read(tmp_path):
+  import aggregators
+  aggregators.main(["--quick", "--out", str(tmp_path)])
+  (path,) = tmp_path.glob("aggregators_*_quick.json")
+  saved = json.loads(path.read_text())
+  assert [(c["T"], c["d"]) for c in saved["cases"]] == aggregators.QUICK_CASES
+  for case in saved["cases"]:
+    assert case["ratio_to_one_read"]["sum (one read)"] == 1.0
+    assert all(math.isfinite(v) and v > 0 for v in case["ms"].values())
+  assert set(saved["solves_T10_ms"]) == {"mgda", "cagrad", "pcgrad"}
+  assert path.with_suffix(".md").read_text().startswith("# Aggregator time per call")
+
+
+def test_one_backward_timings_compare_with_summed_loss(tmp_path):
+  import one_backward
+  out = tmp_path / "one_backward"
+  one_backward.main(["--tasks", "3", "--batch", "8", "--in-dim", "8", "--hidden",
+                     "16", "--depth", "1", "--iters", "1", "--repeats", "2",
+                     "--methods", "realtime,dwa", "--out", str(out)])
+  saved = json.loads(out.with_suffix(".json").read_text())
+  rows = {r["method"]: r for r in saved["results"]}
+  assert set(rows) == {"realtime", "dwa"}
+  assert "stacked" in rows["realtime"]["ms"] and "stacked" not in rows["dwa"]["ms"]
+  for row in rows.values():
+    assert all(math.isfinite(v) and v > 0 for v in row["ratio_to_LS"].values())
