@@ -144,41 +144,52 @@ def make_run(method_tx, num_tasks: int, steps: int, sigmas):
   return jax.jit(jax.vmap(one, in_axes=(0, None))), every
 
 
-def plot(results: dict, sigmas, every: int, path: str) -> None:
+def plot(results: dict, sigmas, every: int, path: str, cols: int = 4) -> None:
+  """Test-loss curves per task, then the weights of each method that logs them."""
   import matplotlib.pyplot as plt
   labels = list(results)
   num_tasks = len(sigmas)
-  n = len(labels)
-  fig, axes = plt.subplots(2, max(num_tasks, n), squeeze=False,
-                           figsize=(3.0 * max(num_tasks, n), 5.6))
+  learned = [l for l in labels if results[l]["has_task_weights"]]
+  loss_rows = -(-num_tasks // cols)
+  weight_rows = -(-len(learned) // cols)
+  fig, axes = plt.subplots(loss_rows + weight_rows, cols, squeeze=False,
+                           figsize=(3.4 * cols, 2.9 * (loss_rows + weight_rows)))
   for ax in axes.ravel():
     ax.axis("off")
+  colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(labels), 2)))
   for t in range(num_tasks):
-    ax = axes[0, t]
+    ax = axes[t // cols, t % cols]
     ax.axis("on")
-    for label in labels:
+    for label, color in zip(labels, colors):
       c = np.asarray(results[label]["curve_mean"], dtype=np.float64)[:, t]
       x = every * np.arange(1, len(c) + 1)
-      ax.plot(x, c, label=label, lw=1.2)
+      ax.plot(x, c, label=label, lw=1.0, color=color)
     ax.set_yscale("log")
     ax.set_title(f"task {t + 1} (sigma={sigmas[t]:g}): test loss / sigma^2",
                  fontsize=8)
     ax.set_xlabel("step", fontsize=7)
     ax.tick_params(labelsize=7)
-  axes[0, 0].legend(fontsize=6)
-  for i, label in enumerate(labels):
-    ax = axes[1, i]
+  # The legend goes in the first free panel of the loss rows, or on the plot.
+  spare = num_tasks if num_tasks < loss_rows * cols else None
+  handles, names = axes[0, 0].get_legend_handles_labels()
+  if spare is not None:
+    axes[spare // cols, spare % cols].legend(handles, names, fontsize=6, ncol=2,
+                                             loc="center")
+  else:
+    axes[0, 0].legend(fontsize=6)
+  for i, label in enumerate(learned):
+    ax = axes[loss_rows + i // cols, i % cols]
     ax.axis("on")
     w = np.asarray(results[label]["weights_mean"], dtype=np.float64)
     x = every * np.arange(1, len(w) + 1)
     for t in range(num_tasks):
       ax.plot(x, w[:, t], lw=1.2, label=f"task {t + 1}")
-    note = "" if results[label]["has_task_weights"] else " (no task_weights: drawn as 1)"
-    ax.set_title(f"{label}: weights{note}", fontsize=8)
+    ax.set_title(f"{label}: task_weights (sum T)", fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("step", fontsize=7)
     ax.tick_params(labelsize=7)
-  axes[1, 0].legend(fontsize=6)
+    if i == 0:
+      ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
