@@ -214,15 +214,7 @@ def run(argv=None) -> dict:
   static = methods_lib.Method(
       "static 1/E[L0]",
       lambda T: mtl.weighted(jnp.asarray(inverse / inverse.sum() * T, jnp.float32)))
-  # Uncertainty weighting started at its fixed point for the expected initial
-  # losses (s_t = log L_t) instead of equal weights.
-  warm_uncertainty = methods_lib.Method(
-      "uncertainty, s0 = log E[L0]",
-      lambda T: mtl.uncertainty_weighting(
-          num_tasks=T, init_log_variance=jnp.asarray(np.log(expected), jnp.float32)),
-      needs_losses=True)
-  selected = methods_lib.select(
-      methods_lib.METHODS + (static, warm_uncertainty), args.methods)
+  selected = methods_lib.select(methods_lib.METHODS + (static,), args.methods)
 
   num_batches = NUM_TRAIN_PAIRS // BATCH
   batches = (jnp.asarray(x_tr.reshape(num_batches, BATCH, 128)),

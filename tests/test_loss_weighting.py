@@ -194,6 +194,45 @@ def test_imtl_l_moves_to_equal_scaled_losses():
   np.testing.assert_allclose(np.exp(state.log_scale) * losses, 1.0, rtol=1e-4)
 
 
+@pytest.mark.parametrize("regularizer", ["log", "log1p"])
+def test_uncertainty_warm_start_begins_at_the_fixed_point(regularizer):
+  # Losses 1e-3 .. 1e5: the first update already weights 1 / (2 sigma^2(L)),
+  # and the step there leaves s unchanged (zero gradient at the fixed point).
+  losses = jnp.array([1e-3, 2.0, 1e5])
+  tx = mtl.scale_by_uncertainty(num_tasks=3, regularizer=regularizer,
+                                warm_start=True, optimizer=optax.sgd(0.1),
+                                init_log_variance=5.0)
+  state = tx.init(None)
+  w, state = weights_of(tx, state, losses)
+  l64 = np.asarray(losses, np.float64)
+  sigma2 = l64 if regularizer == "log" else (l64 + np.sqrt(l64 ** 2 + 8 * l64)) / 4
+  np.testing.assert_allclose(w, 0.5 / sigma2, rtol=1e-5)
+  np.testing.assert_allclose(np.exp(state.log_variance), sigma2, rtol=1e-4)
+  assert int(state.count) == 1
+  # Later updates learn as usual: new losses move s away from the old point.
+  w2, state = weights_of(tx, state, 2.0 * losses)
+  np.testing.assert_allclose(w2, w, rtol=1e-4)
+  assert np.all(np.asarray(state.log_variance) > np.log(sigma2) + 1e-3)
+
+
+def test_imtl_l_warm_start_scales_every_loss_to_one():
+  losses = jnp.array([1e-3, 2.0, 1e5])
+  tx = mtl.imtl_l(num_tasks=3, warm_start=True)
+  state = tx.init({"w": jnp.zeros(1)})
+  grads = {"w": jnp.ones((3, 1))}
+  out, state = tx.update(grads, state, losses=losses)
+  np.testing.assert_allclose(out["w"], [np.sum(1.0 / np.asarray(losses))], rtol=1e-5)
+  np.testing.assert_allclose(optax.tree.get(state, "task_weights") * losses, 1.0,
+                             rtol=1e-5)
+
+
+def test_warm_start_flag_is_checked():
+  with pytest.raises(TypeError, match="warm_start must be True or False"):
+    mtl.scale_by_uncertainty(num_tasks=2, warm_start="yes")
+  with pytest.raises(TypeError, match="warm_start must be True or False"):
+    mtl.scale_by_imtl_l(num_tasks=2, warm_start=1)
+
+
 # --- DWA -----------------------------------------------------------------------
 
 

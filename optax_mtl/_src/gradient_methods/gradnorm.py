@@ -187,7 +187,7 @@ def scale_by_gradnorm(
     stepped, opt_state = _learned.step(opt, state.task_weights, grad,
                                        state.optimizer_state, _MAX_WEIGHT)
     new_weights = renormalize(stepped)
-    count = jnp.minimum(state.count, jnp.iinfo(jnp.int32).max - 1) + 1
+    count = optax.safe_increment(state.count)
     return state.task_weights, GradNormState(new_weights, initial, count,
                                              opt_state)
 

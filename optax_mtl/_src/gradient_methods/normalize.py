@@ -122,7 +122,7 @@ def normalize_gradients(
     initial = jnp.where(state.count == 0, losses, state.initial_losses)
     rates = gradnorm_lib.inverse_training_rates(losses, initial)
     scales = inverse_norms(inputs.gramian) * rates ** jnp.asarray(alpha, jnp.float32)
-    count = jnp.minimum(state.count, jnp.iinfo(jnp.int32).max - 1) + 1
+    count = optax.safe_increment(state.count)
     return scales, NormalizeGradientsState(initial, count)
 
   return transform.task_scaling(_METHOD, weights_fn, init_fn, shared=shared,

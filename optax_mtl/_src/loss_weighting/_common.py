@@ -124,3 +124,16 @@ def alias(scaling: optax.GradientTransformationExtraArgs, priorities: Any,
   else:
     tail = basic.weighted(priorities, shared=shared)
   return optax.chain(scaling, tail)
+
+
+def check_warm_start(warm_start: Any, method: str) -> bool:
+  """Validates the ``warm_start`` flag of a method with learned weights."""
+  if not isinstance(warm_start, (bool, np.bool_)):
+    raise TypeError(f"{method}: warm_start must be True or False, got "
+                    f"{warm_start!r}.")
+  return bool(warm_start)
+
+
+def first_update(count: jax.Array) -> jax.Array:
+  """Whether a state's update counter says this is the first update."""
+  return count == 0

@@ -97,7 +97,7 @@ def scale_by_dtp(
                          beta * state.kpis + (1.0 - beta) * kpis)
     smoothed = jnp.clip(smoothed, _common.KPI_FLOOR, 1.0)
     weights = -jnp.power(1.0 - smoothed, gamma) * jnp.log(smoothed)
-    return weights, DTPState(weights, smoothed, state.count + 1)
+    return weights, DTPState(weights, smoothed, optax.safe_increment(state.count))
 
   return transform.task_scaling(method, weights_fn, init_fn, needs_losses=False)
 

@@ -149,7 +149,7 @@ def scale_by_famo(
     z = jax.nn.softmax(logits)
     # c z_t / D_t = softmax(log z - log D)_t: finite for losses of any scale.
     weights = jax.nn.softmax(jnp.log(z) - jnp.log(shifted))
-    return weights, FAMOState(logits, weights, shifted, state.count + 1,
+    return weights, FAMOState(logits, weights, shifted, optax.safe_increment(state.count),
                               opt_state)
 
   return transform.task_scaling(method, weights_fn, init_fn, needs_losses=True)

@@ -24,14 +24,16 @@ class IMTLLState(NamedTuple):
     log_scale: [T] learnable ``s_t``; task t's weight is ``e^{s_t}``.
     task_weights: [T] weights of the last update.
     optimizer_state: state of the optimizer of ``log_scale``.
+    count: int32, number of updates so far.
   """
   log_scale: jax.Array
   task_weights: jax.Array
   optimizer_state: Any
+  count: jax.Array
 
 
 def scale_by_imtl_l(
-    *, num_tasks: int, learning_rate: Any = 1e-2,
+    *, num_tasks: int, learning_rate: Any = 1e-2, warm_start: bool = False,
     optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scales the tasks by learned scales ``e^{s_t}`` (impartial loss scaling).
@@ -45,11 +47,15 @@ def scale_by_imtl_l(
   so the scales move toward ``e^{s_t} = 1 / L_t``, where every scaled loss
   equals 1. The gradient of ``s`` is computed in closed form from the losses
   (no second backward pass); the weights of an update use ``s`` before its
-  step. ``s`` stays in ``[-40, 40]``.
+  step. ``s`` stays in ``[-40, 40]``. ``warm_start=True`` sets ``s`` to that
+  fixed point, ``-log L_t``, at the first update, so losses on very
+  different scales are balanced from the first step instead of after about
+  ``log(L_big / L_small) / learning_rate`` steps.
 
   Args:
     num_tasks: T (the state holds one scale per task).
     learning_rate: step size of the default optimizer (Adam) of ``s``.
+    warm_start: if True, the first update starts ``s`` at ``-log L_t``.
     optimizer: optional optax optimizer for ``s``.
 
   Returns:
@@ -70,26 +76,33 @@ def scale_by_imtl_l(
   """
   method = "mtl.scale_by_imtl_l"
   size = _common.check_num_tasks(num_tasks, method)
+  warm = _common.check_warm_start(warm_start, method)
   opt = _learned.resolve_optimizer(optimizer, learning_rate, optax.adam, method)
 
   def init_fn(params):
     del params
     s = jnp.zeros(size, jnp.float32)
-    return IMTLLState(s, jnp.ones(size, jnp.float32), opt.init(s))
+    return IMTLLState(s, jnp.ones(size, jnp.float32), opt.init(s),
+                      jnp.zeros((), jnp.int32))
 
   def weights_fn(inputs, state):
     validation.check_configured_tasks(inputs.num_tasks, size, method)
     losses = _common.positive_losses(inputs.losses, method)
-    weights = jnp.exp(state.log_scale)
-    new_s, opt_state = _learned.step(opt, state.log_scale, weights * losses - 1.0,
+    s = state.log_scale
+    if warm:
+      start = jnp.clip(-jnp.log(losses), -_LOG_BOUND, _LOG_BOUND)
+      s = jnp.where(_common.first_update(state.count), start, s)
+    weights = jnp.exp(s)
+    new_s, opt_state = _learned.step(opt, s, weights * losses - 1.0,
                                      state.optimizer_state, _LOG_BOUND)
-    return weights, IMTLLState(new_s, weights, opt_state)
+    return weights, IMTLLState(new_s, weights, opt_state,
+                               optax.safe_increment(state.count))
 
   return transform.task_scaling(method, weights_fn, init_fn, needs_losses=True)
 
 
 def imtl_l(
-    *, num_tasks: int, learning_rate: Any = 1e-2,
+    *, num_tasks: int, learning_rate: Any = 1e-2, warm_start: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     priorities: Any = None, shared: masking.SharedMask = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -98,6 +111,7 @@ def imtl_l(
   Args:
     num_tasks: see :func:`scale_by_imtl_l`.
     learning_rate: see :func:`scale_by_imtl_l`.
+    warm_start: see :func:`scale_by_imtl_l`.
     optimizer: see :func:`scale_by_imtl_l`.
     priorities: optional [T] task priorities multiplied on top.
     shared: ``shared=`` mask passed to the aggregator.
@@ -107,5 +121,6 @@ def imtl_l(
   """
   return _common.alias(scale_by_imtl_l(num_tasks=num_tasks,
                                        learning_rate=learning_rate,
+                                       warm_start=warm_start,
                                        optimizer=optimizer),
                        priorities, shared)

@@ -27,15 +27,30 @@ class UncertaintyState(NamedTuple):
     log_variance: [T] learnable ``s_t = log sigma_t^2``.
     task_weights: [T] weights of the last update, ``1 / (2 sigma_t^2)``.
     optimizer_state: state of the optimizer of ``log_variance``.
+    count: int32, number of updates so far.
   """
   log_variance: jax.Array
   task_weights: jax.Array
   optimizer_state: Any
+  count: jax.Array
+
+
+def fixed_point(losses: jax.Array, regularizer: str) -> jax.Array:
+  """The log-variances at which the joint objective is stationary in ``s``.
+
+  ``s = log L`` for "log"; for "log1p", ``sigma^2 = (L + sqrt(L^2 + 8 L)) / 4``
+  written as ``L (1 + sqrt(1 + 8 / L)) / 4`` so that ``L^2`` never overflows.
+  """
+  log_losses = jnp.log(losses)
+  if regularizer == "log":
+    return log_losses
+  return log_losses + jnp.log((1.0 + jnp.sqrt(1.0 + 8.0 / losses)) / 4.0)
 
 
 def scale_by_uncertainty(
     *, num_tasks: int, learning_rate: Any = 1e-2,
     regularizer: str = "log", init_log_variance: Any = 0.0,
+    warm_start: bool = False,
     optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scales the tasks by learned homoscedastic uncertainties.
@@ -62,12 +77,21 @@ def scale_by_uncertainty(
   their step, as simultaneous gradient descent on the joint objective does.
   Log-variances stay in ``[-40, 40]``.
 
+  From equal starting weights the log-variances need many steps to reach
+  losses on very different scales (about ``log(L_big / L_small) /
+  learning_rate`` with Adam), and meanwhile the largest loss trains the
+  shared layers alone. ``warm_start=True`` sets ``s_t`` to its fixed point
+  for the first update's losses, so the weights balance the tasks from the
+  first step (``1 / (2 L_t(0))`` for "log").
+
   Args:
     num_tasks: T (the state holds one log-variance per task).
     learning_rate: step size of the default optimizer (Adam) of the
       log-variances; may be traced / injected.
     regularizer: ``"log"`` (Kendall et al.) or ``"log1p"`` (positive penalty).
     init_log_variance: initial ``s_t`` (scalar or [T]); 0 means sigma = 1.
+    warm_start: if True, the first update replaces ``s_t`` by its fixed
+      point for that update's losses (``init_log_variance`` is then unused).
     optimizer: optional optax optimizer for the log-variances, replacing
       ``optax.adam(learning_rate)``; its state lives in this state.
 
@@ -98,6 +122,7 @@ def scale_by_uncertainty(
   if regularizer not in _REGULARIZERS:
     raise ValueError(f"{method}: regularizer must be one of {_REGULARIZERS}, "
                      f"got {regularizer!r}.")
+  warm = _common.check_warm_start(warm_start, method)
   opt = _learned.resolve_optimizer(optimizer, learning_rate, optax.adam, method)
   init_s = jnp.asarray(init_log_variance, jnp.float32)
   if init_s.ndim > 1 or (init_s.ndim == 1 and init_s.shape[0] != size):
@@ -110,12 +135,16 @@ def scale_by_uncertainty(
   def init_fn(params):
     del params
     s = jnp.clip(jnp.broadcast_to(init_s, (size,)), -_LOG_BOUND, _LOG_BOUND)
-    return UncertaintyState(s, 0.5 * jnp.exp(-s), opt.init(s))
+    return UncertaintyState(s, 0.5 * jnp.exp(-s), opt.init(s),
+                            jnp.zeros((), jnp.int32))
 
   def weights_fn(inputs, state):
     validation.check_configured_tasks(inputs.num_tasks, size, method)
     losses = _common.positive_losses(inputs.losses, method)
     s = state.log_variance
+    if warm:
+      start = jnp.clip(fixed_point(losses, regularizer), -_LOG_BOUND, _LOG_BOUND)
+      s = jnp.where(_common.first_update(state.count), start, s)
     weights = 0.5 * jnp.exp(-s)
     data_term = -losses * weights  # d/ds of L e^{-s} / 2
     if regularizer == "log":
@@ -124,14 +153,15 @@ def scale_by_uncertainty(
       grads = data_term + jax.nn.sigmoid(s)
     new_s, opt_state = _learned.step(opt, s, grads, state.optimizer_state,
                                      _LOG_BOUND)
-    return weights, UncertaintyState(new_s, weights, opt_state)
+    return weights, UncertaintyState(new_s, weights, opt_state,
+                                     optax.safe_increment(state.count))
 
   return transform.task_scaling(method, weights_fn, init_fn, needs_losses=True)
 
 
 def uncertainty_weighting(
     *, num_tasks: int, learning_rate: Any = 1e-2, regularizer: str = "log",
-    init_log_variance: Any = 0.0,
+    init_log_variance: Any = 0.0, warm_start: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     priorities: Any = None, shared: masking.SharedMask = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -142,6 +172,7 @@ def uncertainty_weighting(
     learning_rate: see :func:`scale_by_uncertainty`.
     regularizer: see :func:`scale_by_uncertainty`.
     init_log_variance: see :func:`scale_by_uncertainty`.
+    warm_start: see :func:`scale_by_uncertainty`.
     optimizer: see :func:`scale_by_uncertainty`.
     priorities: optional [T] task priorities multiplied on top.
     shared: ``shared=`` mask passed to the aggregator.
@@ -153,5 +184,5 @@ def uncertainty_weighting(
       scale_by_uncertainty(num_tasks=num_tasks, learning_rate=learning_rate,
                            regularizer=regularizer,
                            init_log_variance=init_log_variance,
-                           optimizer=optimizer),
+                           warm_start=warm_start, optimizer=optimizer),
       priorities, shared)
