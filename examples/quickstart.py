@@ -67,7 +67,8 @@ def methods(initial_losses):
       "weighted 1/L(0)": mtl.weighted(1.0 / initial_losses, shared=shared),
       # Weights from the losses as training goes (one loss scaling + sum).
       "realtime loss": mtl.realtime_loss_weighting(shared=shared),
-      "uncertainty": mtl.uncertainty_weighting(num_tasks=2, learning_rate=0.05,
+      # Learned weights, started at their fixed point for the first losses.
+      "uncertainty": mtl.uncertainty_weighting(num_tasks=2, warm_start=True,
                                                shared=shared),
       # Gramian methods on the shared trunk; the heads keep their own gradient.
       "mgda (l2)": mtl.mgda(normalization="l2", shared=shared),
