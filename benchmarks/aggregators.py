@@ -92,7 +92,10 @@ def bench_case(num_tasks, dim, repeats):
   rows = {}
   for name, tx in methods(num_tasks).items():
     state = tx.init(params)
-    update = jax.jit(lambda g, s, p, l, tx=tx: tx.update(g, s, p, losses=l)[0])
+    # The new state is returned too: a method whose update applies the
+    # previous step's weights (GradNorm) would otherwise have its Gramian
+    # removed as dead code.
+    update = jax.jit(lambda g, s, p, l, tx=tx: tx.update(g, s, p, losses=l))
     rows[name] = time_call(update, grads, state, params, losses, repeats=repeats)
   del grads
   return rows
