@@ -34,9 +34,9 @@ import numpy as np
 import optax
 
 import optax_mtl as mtl
-from optax_mtl._src.gradient_methods import cagrad as cagrad_lib
-from optax_mtl._src.gradient_methods import mgda as mgda_lib
-from optax_mtl._src.gradient_methods import pcgrad as pcgrad_lib
+from optax_mtl._src.methods.gradient import cagrad as cagrad_lib
+from optax_mtl._src.solvers import min_norm as mgda_lib
+from optax_mtl._src.methods.gradient import pcgrad as pcgrad_lib
 
 FULL_CASES = [(2, 10_000_000), (10, 10_000_000), (40, 2_500_000), (10, 50_000_000)]
 QUICK_CASES = [(3, 100_000), (10, 50_000)]
@@ -51,7 +51,7 @@ def methods(num_tasks):
       "mgda l2": mtl.mgda("l2"),
       "pcgrad": mtl.pcgrad(),
       "cagrad": mtl.cagrad(),
-      "gradnorm (scale + sum)": mtl.gradnorm(num_tasks),
+      "gradnorm (scale + sum)": mtl.gradnorm(num_tasks=num_tasks),
       "normalize_gradients + sum": _chain_sum(mtl.normalize_gradients()),
   }
 

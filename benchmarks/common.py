@@ -25,6 +25,8 @@ for _p in (_HERE, _ROOT):
 
 import matplotlib  # noqa: E402
 
+import optax_mtl as mtl  # noqa: E402
+
 matplotlib.use("Agg")
 
 DEFAULT_OUT = os.path.join(_HERE, "results")
@@ -103,16 +105,15 @@ class Timer:
     return False
 
 
+def task_weights(state) -> jax.Array | None:
+  """The weights applied to the shared leaves, or None if none are logged."""
+  return mtl.applied_weights(state)
+
+
 def has_task_weights(state) -> bool:
   """Whether an optimizer state (or its ``jax.eval_shape``) logs weights."""
-  return bool(optax.tree.get_all_with_path(state, "task_weights"))
-
-
-def task_weights(state) -> jax.Array | None:
-  """The first ``task_weights`` leaf of an optimizer state, or None."""
-  if not has_task_weights(state):
-    return None
-  return jnp.asarray(optax.tree.get(state, "task_weights"), jnp.float32)
+  return any(leaf is not None for _, leaf in
+             optax.tree.get_all_with_path(state, "task_weights"))
 
 
 def method_error(e: Exception) -> str:

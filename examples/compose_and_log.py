@@ -3,9 +3,10 @@
 ``optax.chain(scaling, aggregator, optimizer)`` is the whole data path: the
 uncertainty weighting rescales each task's gradient from its loss, PCGrad then
 removes the conflicting components between the rescaled task gradients, Adam
-takes the result. The learned weights live in the state under the field name
-``task_weights``, so ``optax.tree.get`` finds them wherever the chain puts
-them, also inside a jit-compiled step.
+takes the result. Every method keeps the weights it applied in its state under
+the field name ``task_weights``; ``mtl.applied_weights(state)`` multiplies
+those of the chain's members (here the uncertainty weights, since PCGrad is
+built without ``num_tasks``), wherever the chain puts them.
 
 Run:  python examples/compose_and_log.py
 """
@@ -53,7 +54,7 @@ def main(steps: int = 300, log_every: int = 100, verbose: bool = True):
   history = []
   for i in range(1, steps + 1):
     params, state, losses = step(params, state)
-    weights = optax.tree.get(state, "task_weights")
+    weights = mtl.applied_weights(state)
     history.append((np.asarray(losses), np.asarray(weights)))
     if verbose and i % log_every == 0:
       print(f"step {i:4d}  losses {np.asarray(losses)}  task_weights {np.asarray(weights)}")

@@ -72,7 +72,7 @@ def nnx_variant(x, y, steps):
   def step(model, optimizer):
     def loss_fn(model):
       losses = jnp.mean((model(x) - y) ** 2, axis=0)
-      return mtl.weighted_loss(weighting, optax.EmptyState(), losses)
+      return mtl.weighted_loss(weighting, weighting.init(None), losses)
     (_, (weights, _)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     return weights
@@ -91,13 +91,13 @@ def main(argv=None):
   variance = jnp.var(y, axis=0)
 
   runs = {
-      "sum (plain)": mtl.sum(),
+      "sum (plain)": mtl.sum(num_tasks=2),
       "uncertainty": mtl.scale_by_uncertainty(num_tasks=2, learning_rate=0.05),
       "dwa + priorities": mtl.dwa(num_tasks=2, priorities=jnp.array([2.0, 1.0])),
   }
   for name, weighting in runs.items():
     losses, state = train(weighting, x, y, args.steps)
-    weights = optax.tree.get(state, "task_weights", default=jnp.ones(2))
+    weights = optax.tree.get(state, "task_weights")
     print(f"{name:18s} relative losses {jnp.round(losses / variance, 4)}  "
           f"last task_weights {jnp.round(weights, 5)}")
 

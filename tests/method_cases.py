@@ -49,8 +49,8 @@ CASES = [
     Case("mgda", lambda T: mtl.mgda()),
     Case("pcgrad", lambda T: mtl.pcgrad(seed=1)),
     Case("cagrad", lambda T: mtl.cagrad(c=0.4)),
-    Case("scale_by_gradnorm", lambda T: mtl.scale_by_gradnorm(T), kind="scaling",
+    Case("scale_by_gradnorm", lambda T: mtl.scale_by_gradnorm(num_tasks=T), kind="scaling",
          needs=frozenset({"losses"})),
-    Case("normalize_gradients", lambda T: mtl.normalize_gradients(0.5, T),
+    Case("normalize_gradients", lambda T: mtl.normalize_gradients(0.5, num_tasks=T),
          kind="scaling", needs=frozenset({"losses"})),
 ]

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_mtl as mtl
-from optax_mtl._src.gradient_methods import cagrad as cagrad_lib
+from optax_mtl._src.methods.gradient import cagrad as cagrad_lib
 
 
 def _update(tx, grads):
@@ -82,7 +82,7 @@ def test_inject_hyperparams_and_errors():
   update, _ = jax.jit(tx.update)(grads, tx.init({"w": jnp.zeros(4)}))
   np.testing.assert_allclose(update["w"], _update(mtl.cagrad(0.4, 1), grads["w"]),
                              rtol=1e-4, atol=1e-6)
-  with pytest.raises(ValueError, match="c must be >= 0"):
+  with pytest.raises(ValueError, match="c must be finite and >= 0"):
     mtl.cagrad(c=-0.1)
-  with pytest.raises(ValueError, match="rescale must be 0"):
+  with pytest.raises(ValueError, match=r"rescale must be one of \(0, 1, 2\)"):
     mtl.cagrad(rescale=3)

@@ -60,7 +60,11 @@ def close(a, b, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize("name", list(WEIGHTINGS))
 def test_one_backward_matches_stacked_path(name):
   weighting = WEIGHTINGS[name]()
-  stacked = weighting if name.endswith("priorities") else optax.chain(weighting, mtl.sum())
+  # The stacked path runs optax.chain; the one-backward path reads the same
+  # members through mtl.chain (their states have the same structure).
+  alias = name.endswith("priorities")
+  stacked = weighting if alias else optax.chain(weighting, mtl.sum())
+  fused = weighting if alias else mtl.chain(weighting, mtl.sum())
   opt = optax.sgd(0.02)
 
   @jax.jit
@@ -71,7 +75,7 @@ def test_one_backward_matches_stacked_path(name):
     update, o_state = opt.update(update, o_state, params)
     return optax.apply_updates(params, update), (w_state, o_state)
 
-  one = mtl.value_and_weighted_grad(loss_fn, stacked)
+  one = mtl.value_and_weighted_grad(loss_fn, fused)
 
   @jax.jit
   def one_backward_step(params, states, x, y):
@@ -94,7 +98,8 @@ def test_one_backward_matches_stacked_path(name):
 
 def test_loss_weights_of_scaling_and_alias():
   losses = jnp.array([2.0, 4.0, 0.5])
-  w, _ = mtl.loss_weights(mtl.scale_by_realtime_loss(), optax.EmptyState(), losses)
+  realtime = mtl.scale_by_realtime_loss()
+  w, _ = mtl.loss_weights(realtime, realtime.init(None), losses)
   np.testing.assert_allclose(w, [0.5, 0.25, 2.0])
   alias = mtl.realtime_loss_weighting(priorities=jnp.array([1.0, 2.0, 4.0]))
   w, _ = mtl.loss_weights(alias, alias.init(None), losses)
@@ -107,12 +112,13 @@ def test_weighted_loss_in_value_and_grad():
   params = init_params()
 
   def scalar_loss(p):
-    return mtl.weighted_loss(weighting, optax.EmptyState(), loss_fn(p, x, y))
+    return mtl.weighted_loss(weighting, weighting.init(None), loss_fn(p, x, y))
 
   (loss, (weights, _)), grads = jax.value_and_grad(scalar_loss, has_aux=True)(params)
   losses, task_grads = mtl.value_and_jacobian(loss_fn)(params, x, y)
-  reference, _ = optax.chain(weighting, mtl.sum()).update(
-      task_grads, (optax.EmptyState(),) * 2, params, losses=losses)
+  stacked = optax.chain(weighting, mtl.sum())
+  reference, _ = stacked.update(task_grads, stacked.init(params), params,
+                                losses=losses)
   close(grads, reference)
   np.testing.assert_allclose(loss, jnp.sum(weights * losses), rtol=1e-6)
 
@@ -126,7 +132,7 @@ def test_weighted_loss_with_nnx():
     return jnp.mean((m(x) - y) ** 2, axis=0)
 
   def scalar_loss(m):
-    return mtl.weighted_loss(weighting, optax.EmptyState(), per_task(m))
+    return mtl.weighted_loss(weighting, weighting.init(None), per_task(m))
 
   (_, _), grads = nnx.value_and_grad(scalar_loss, has_aux=True)(model)
   expected = nnx.grad(lambda m: jnp.sum(jnp.log(per_task(m))))(model)
@@ -142,7 +148,7 @@ def test_has_aux_and_argnums():
   x, y = next(batches(1))
   params = init_params()
   step = mtl.value_and_weighted_grad(fn, weighting, argnums=(0, 1), has_aux=True)
-  (losses, aux), (g_scale, g_params), _ = step(optax.EmptyState(), 2.0, params, x, y)
+  (losses, aux), (g_scale, g_params), _ = step(weighting.init(None), 2.0, params, x, y)
   # d/dscale sum_t L_t(scale)/L_t = sum_t 1/scale = T/2.
   np.testing.assert_allclose(g_scale, T / 2.0, rtol=1e-5)
   np.testing.assert_allclose(aux["mean"], jnp.mean(x))
@@ -155,18 +161,56 @@ def test_one_backward_errors():
   params = init_params()
   regrouping = optax.chain(mtl.scale_by_realtime_loss(),
                            optax.stateless(lambda u, p: {"tasks": u}))
-  with pytest.raises(ValueError, match="loss-based task scaling"):
+  with pytest.raises(TypeError, match="method of optax_mtl.*no optimizer"):
     mtl.value_and_weighted_grad(loss_fn, regrouping)(
         regrouping.init(params), params, x, y)
   weighting = mtl.scale_by_realtime_loss()
   with pytest.raises(ValueError, match="shape \\(T,\\)"):
     mtl.value_and_weighted_grad(lambda p: jnp.sum(loss_fn(p, x, y)), weighting)(
-        optax.EmptyState(), params)
+        weighting.init(None), params)
   with pytest.raises(ValueError, match="argnums=2"):
-    mtl.value_and_weighted_grad(loss_fn, weighting, argnums=2)(optax.EmptyState(), params)
-  model = nnx.Linear(4, T, rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match="nnx.value_and_grad"):
-    mtl.value_and_weighted_grad(lambda m: jnp.mean(m(x), 0) ** 2, weighting)(
-        optax.EmptyState(), model)
+    mtl.value_and_weighted_grad(loss_fn, weighting, argnums=2)(
+        weighting.init(None), params)
   with pytest.raises(ValueError, match="finite and > 0"):
-    mtl.loss_weights(weighting, optax.EmptyState(), jnp.array([1.0, 0.0]))
+    mtl.loss_weights(weighting, weighting.init(None), jnp.array([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("method", [
+    lambda: mtl.mgda(), lambda: mtl.scale_by_gradnorm(num_tasks=T),
+    lambda: mtl.chain(mtl.scale_by_realtime_loss(), mtl.pcgrad())],
+    ids=["mgda", "gradnorm", "chain_with_pcgrad"])
+def test_methods_reading_gradients_are_refused_with_the_path_to_use(method):
+  tx = method()
+  with pytest.raises(ValueError, match=r"reads the (gramian|norms).*mtl.value_and_jacobian"):
+    mtl.loss_weights(tx, tx.init(None), jnp.ones(T))
+
+
+def test_shared_mask_is_refused():
+  tx = mtl.realtime_loss_weighting(priorities=jnp.ones(T), shared={"w1": True, "w2": False})
+  with pytest.raises(ValueError, match="shared="):
+    mtl.loss_weights(tx, tx.init(None), jnp.ones(T))
+
+
+def test_value_and_weighted_grad_with_nnx_module():
+  # The module's parameters are differentiated once; the update equals the
+  # stacked path's, and BatchNorm statistics advance once, as in one forward.
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(4, T, rngs=rngs)
+      self.norm = nnx.BatchNorm(T, rngs=rngs)
+    def __call__(self, x):
+      return self.norm(self.linear(x))
+
+  x, y = next(batches(1))
+  per_task = lambda m, x, y: jnp.mean((m(x) - y) ** 2, axis=0)
+  weighting = mtl.scale_by_realtime_loss()
+  one, stacked = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+  losses, grads, _ = mtl.value_and_weighted_grad(per_task, weighting)(
+      weighting.init(None), one, x, y)
+  ref_losses, task_grads = mtl.value_and_jacobian(per_task)(stacked, x, y)
+  reference, _ = mtl.realtime_loss_weighting().update(
+      task_grads, weighting.init(None), losses=ref_losses)
+  close(losses, ref_losses)
+  close(grads, reference, rtol=1e-5)
+  close(nnx.state(one, nnx.BatchStat), nnx.state(stacked, nnx.BatchStat))
+  assert not np.allclose(one.norm.mean[...], 0.0)

@@ -118,8 +118,8 @@ def test_realtime_equalises_effective_losses_and_is_grad_of_sum_log():
   # Scale invariance: multiplying a loss by a constant changes nothing.
   scaled = lambda t: _toy_losses(t) * jnp.array([1.0, 1e4, 1e-3])
   losses, grads = mtl.value_and_jacobian(scaled)(THETA)
-  out, _ = optax.chain(tx, mtl.sum()).update(grads, (optax.EmptyState(),) * 2,
-                                             losses=losses)
+  summed = optax.chain(tx, mtl.sum())
+  out, _ = summed.update(grads, summed.init(None), losses=losses)
   np.testing.assert_allclose(out, expected, rtol=1e-4)
 
 
@@ -127,12 +127,12 @@ def test_geometric_is_gradient_of_geometric_mean():
   _, update = _aggregate(mtl.geometric_loss_weighting(), THETA)
   geo = lambda t: jnp.prod(_toy_losses(t)) ** (1.0 / 3.0)
   np.testing.assert_allclose(update, jax.grad(geo)(THETA), rtol=1e-5)
-  w, _ = weights_of(mtl.scale_by_geometric_loss(), optax.EmptyState(),
-                    [1.0, 8.0, 1.0])
+  geometric = mtl.scale_by_geometric_loss()
+  w, _ = weights_of(geometric, geometric.init(None), [1.0, 8.0, 1.0])
   np.testing.assert_allclose(w, [2 / 3, 2 / 24, 2 / 3], rtol=1e-6)
   # Many tiny losses: the product underflows, the log-space weights do not.
   tiny = jnp.full(64, 1e-3)
-  w, _ = weights_of(mtl.scale_by_geometric_loss(), optax.EmptyState(), tiny)
+  w, _ = weights_of(geometric, geometric.init(None), tiny)
   np.testing.assert_allclose(w, np.full(64, 1 / 64), rtol=1e-5)
 
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import optax_mtl as mtl
-from optax_mtl._src.gradient_methods import mgda as mgda_lib
+from optax_mtl._src.solvers import min_norm as mgda_lib
 
 
 def _update(tx, grads, **kwargs):
@@ -105,9 +105,9 @@ def test_inject_hyperparams_and_errors():
   assert np.all(np.isfinite(update["w"]))
   with pytest.raises(ValueError, match="normalization must be one of"):
     mtl.mgda("l1")
-  with pytest.raises(ValueError, match="max_iters must be a positive integer"):
+  with pytest.raises(ValueError, match="max_iters must be an integer >= 1"):
     mtl.mgda(max_iters=0)
-  with pytest.raises(ValueError, match="tol must be >= 0"):
+  with pytest.raises(ValueError, match="tol must be finite and >= 0"):
     mtl.mgda(tol=-1.0)
   with pytest.raises(TypeError, match="needs the per-task losses"):
     mtl.mgda("loss").update(grads, None)

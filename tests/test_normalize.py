@@ -21,7 +21,8 @@ def test_equal_norm_task_gradients(scale):
   grads = {"a": jnp.asarray(scale * rng.normal(size=(3, 4, 2)) * np.array([1, 10, 100])[:, None, None],
                             jnp.float32),
            "b": jnp.asarray(scale * rng.normal(size=(3, 5)), jnp.float32)}
-  out, _ = mtl.normalize_gradients().update(grads, None)
+  tx = mtl.normalize_gradients()
+  out, _ = tx.update(grads, tx.init(None))
   np.testing.assert_allclose(_norms(out), 1.0, rtol=1e-5)
   # Directions unchanged.
   ratio = np.asarray(out["b"], np.float64) / np.asarray(grads["b"], np.float64)
@@ -30,14 +31,15 @@ def test_equal_norm_task_gradients(scale):
 
 def test_zero_gradient_stays_zero():
   grads = {"w": jnp.array([[0.0, 0.0], [3.0, 4.0]])}
-  out, _ = mtl.normalize_gradients().update(grads, None)
+  tx = mtl.normalize_gradients()
+  out, _ = tx.update(grads, tx.init(None))
   np.testing.assert_allclose(out["w"], [[0.0, 0.0], [0.6, 0.8]], rtol=1e-6)
 
 
 def test_mask_sets_the_norm():
   grads = {"trunk": jnp.array([[3.0, 4.0], [0.0, 2.0]]), "head": jnp.array([[100.0], [1.0]])}
   tx = mtl.normalize_gradients(shared={"trunk": True, "head": False})
-  out, _ = tx.update(grads, None)
+  out, _ = tx.update(grads, tx.init(None))
   np.testing.assert_allclose(out["trunk"], [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
   np.testing.assert_allclose(out["head"], [[20.0], [0.5]], rtol=1e-6)
 
@@ -65,4 +67,4 @@ def test_inject_hyperparams_and_errors():
   with pytest.raises(ValueError, match="alpha must be"):
     mtl.normalize_gradients(alpha=-1.0, num_tasks=2)
   with pytest.raises(TypeError, match="needs the per-task losses"):
-    mtl.normalize_gradients(1.0, 2).update(grads, None)
+    mtl.normalize_gradients(1.0, num_tasks=2).update(grads, None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import optax_mtl as mtl
-from optax_mtl._src.gradient_methods import pcgrad as pcgrad_lib
+from optax_mtl._src.methods.gradient import pcgrad as pcgrad_lib
 
 
 def _update(tx, grads, state=None):

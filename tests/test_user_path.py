@@ -37,7 +37,8 @@ def test_mean_then_adam_equals_adam_on_mean_loss():
 def test_weighted_equals_gradient_of_weighted_loss():
   weights = jnp.array([2.0, 0.25])
   _, task_grads = mtl.value_and_jacobian(two_task_losses)(PARAMS, X)
-  out, _ = mtl.weighted(weights).update(task_grads, optax.EmptyState(), PARAMS)
+  tx = mtl.weighted(weights)
+  out, _ = tx.update(task_grads, tx.init(PARAMS), PARAMS)
   expected = jax.grad(lambda p: jnp.dot(weights, two_task_losses(p, X)))(PARAMS)
   np.testing.assert_allclose(out["w"], expected["w"], rtol=1e-5)
 
@@ -61,7 +62,7 @@ def test_inject_hyperparams_forwards_losses():
     seen["losses"] = inputs.losses
     return jnp.ones(inputs.num_tasks), state
   factory = lambda scale: optax.chain(
-      mtl.aggregator("probe", rule, needs_losses=True), optax.scale(scale))
+      mtl.aggregator(mtl.Weighting("probe", rule, reads={"losses"})), optax.scale(scale))
   tx = optax.inject_hyperparams(factory)(scale=2.0)
   _, task_grads = mtl.value_and_jacobian(two_task_losses)(PARAMS, X)
   tx.update(task_grads, tx.init(PARAMS), PARAMS, losses=jnp.array([3.0, 4.0]))
@@ -100,7 +101,7 @@ def test_nnx_optimizer_update_forwards_losses():
     y = model(x)
     return jnp.stack([jnp.mean(y[:, 0] ** 2), jnp.mean((y[:, 1] - 1.0) ** 2)])
 
-  tx = optax.chain(mtl.aggregator("probe", rule, needs_losses=True), optax.sgd(0.1))
+  tx = optax.chain(mtl.aggregator(mtl.Weighting("probe", rule, reads={"losses"})), optax.sgd(0.1))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
   losses, grads = mtl.value_and_jacobian(loss_fn)(model, X)
@@ -114,8 +115,8 @@ def test_nnx_optimizer_update_forwards_losses():
 
 def test_nnx_optimizer_without_losses_for_a_method_that_needs_them():
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-  tx = mtl.aggregator("probe", lambda i, s: (jnp.ones(i.num_tasks), s),
-                      needs_losses=True)
+  tx = mtl.aggregator(mtl.Weighting(
+      "probe", lambda i, s: (jnp.ones(i.num_tasks), s), reads={"losses"}))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   _, grads = mtl.value_and_jacobian(lambda m, x: jnp.stack([m(x).sum(), m(x).mean()]))(model, X)
   with pytest.raises(TypeError, match=r"optimizer.update\(model, grads, losses=losses\)"):
@@ -156,11 +157,11 @@ def test_shared_mask_callable_on_nnx_params():
 def test_shared_mask_errors():
   task_grads = {"a": jnp.ones((2, 3)), "b": jnp.ones((2,))}
   with pytest.raises(ValueError, match=r"no entry for gradient leaf \['b'\]"):
-    mtl.mean(shared={"a": True, "c": False}).update(task_grads, optax.EmptyState())
+    mtl.mean(shared={"a": True, "c": False}).update(task_grads, mtl.mean().init(None))
   with pytest.raises(ValueError, match="without params"):
-    mtl.mean(shared=lambda p: p).update(task_grads, optax.EmptyState())
+    mtl.mean(shared=lambda p: p).update(task_grads, mtl.mean().init(None))
   with pytest.raises(ValueError, match="must be a Python bool"):
-    mtl.mean(shared={"a": "yes", "b": True}).update(task_grads, optax.EmptyState())
+    mtl.mean(shared={"a": "yes", "b": True}).update(task_grads, mtl.mean().init(None))
 
 
 def test_weighted_errors():
@@ -169,4 +170,4 @@ def test_weighted_errors():
   with pytest.raises(ValueError, match="finite"):
     mtl.weighted(jnp.array([1.0, jnp.nan]))
   with pytest.raises(ValueError, match=r"built for 2 tasks \(len\(weights\)\).*T=3"):
-    mtl.weighted(jnp.ones(2)).update({"w": jnp.ones((3, 4))}, optax.EmptyState())
+    mtl.weighted(jnp.ones(2)).update({"w": jnp.ones((3, 4))}, mtl.weighted(jnp.ones(2)).init(None))

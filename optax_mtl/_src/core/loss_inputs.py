@@ -1,0 +1,75 @@
+"""Guards on the losses and KPIs that methods divide by or take logarithms of.
+
+Losses enter logarithms and divisions, so every method here reads them through
+:func:`positive_losses`: concrete values (outside ``jit``) that are zero,
+negative or non-finite raise a ValueError naming the task; traced values are
+clamped to ``[LOSS_FLOOR, LOSS_CEILING]`` (NaN counts as the ceiling, so a task
+whose loss is undefined gets a vanishing weight instead of poisoning the
+update or the state).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOSS_FLOOR = 1e-12
+LOSS_CEILING = 1e30
+KPI_FLOOR = 1e-6
+
+
+def is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def positive_losses(losses: jax.Array, method: str, name: str = "losses"):
+  """Returns ``losses`` checked (concrete) or clamped (traced) to be > 0.
+
+  Args:
+    losses: [T] float32 vector (already validated for shape).
+    method: public name, for messages.
+    name: keyword name, for messages.
+
+  Returns:
+    The losses clamped to ``[LOSS_FLOOR, LOSS_CEILING]``.
+
+  Raises:
+    ValueError: a concrete entry is zero, negative or not finite.
+  """
+  if is_concrete(losses):
+    values = np.asarray(losses, np.float64)
+    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+    if bad.size:
+      raise ValueError(
+          f"{method} divides by or takes the logarithm of the {name}, so they "
+          f"must be finite and > 0; task(s) {bad.tolist()} have "
+          f"{values[bad].tolist()}. Check the loss function for a NaN or a "
+          f"negative term, or add a small epsilon to losses that can reach 0. "
+          f"(Under jax.jit such values are clamped to "
+          f"[{LOSS_FLOOR:g}, {LOSS_CEILING:g}] instead.)")
+  clean = jnp.where(jnp.isnan(losses), LOSS_CEILING, losses)
+  return jnp.clip(clean, LOSS_FLOOR, LOSS_CEILING)
+
+
+def kpis_in_unit_interval(kpis: jax.Array, method: str) -> jax.Array:
+  """Returns ``kpis`` checked (concrete) or clamped (traced) to (0, 1].
+
+  Traced values are clamped to ``[KPI_FLOOR, 1]``; NaN counts as the floor
+  (the task is treated as not yet learned, so it keeps a large weight).
+
+  Raises:
+    ValueError: a concrete entry lies outside (0, 1] or is not finite.
+  """
+  if is_concrete(kpis):
+    values = np.asarray(kpis, np.float64)
+    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0) & (values <= 1)))
+    if bad.size:
+      raise ValueError(
+          f"{method}: kpis must lie in (0, 1] (e.g. an accuracy or IoU, "
+          f"higher is better); task(s) {bad.tolist()} have "
+          f"{values[bad].tolist()}. Rescale each KPI to (0, 1] and clip an "
+          f"exact 0 to a small positive value. (Under jax.jit they are "
+          f"clamped to [{KPI_FLOOR:g}, 1] instead.)")
+  clean = jnp.where(jnp.isnan(kpis), KPI_FLOOR, kpis)
+  return jnp.clip(clean, KPI_FLOOR, 1.0)

@@ -1,0 +1,406 @@
+"""Builders that turn weightings into optax transformations, and compose them.
+
+A transformation built here is a chain of *members*: zero or more task
+scalings (task t's gradient multiplied by ``d_t``), optionally ending with an
+aggregator (shared leaves combined with ``w``, heads summed). Whatever the
+chain, one update makes
+
+1. one statistics pass: each leaf is read once for the Gramian (or only the
+   norms) of every set of leaves a member reads (:mod:`..engine.statistics`);
+   a member after scalings reads the Gramian of the *scaled* gradients,
+   ``D G D`` with ``D = diag(d)``, formed on the T x T matrix;
+2. one combination pass: ``sum_t d_t w_t g_t`` on shared leaves and
+   ``sum_t d_t g_t`` on heads (or the scaled stack when the chain ends with a
+   scaling).
+
+``optax.chain`` of the same transformations gives the same update and states
+with one pass per member; :func:`chain` fuses them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_mtl._src.core import weighting as weighting_lib
+from optax_mtl._src.engine import combine as combine_lib
+from optax_mtl._src.engine import masking
+from optax_mtl._src.engine import statistics
+from optax_mtl._src.engine import validation
+
+AGGREGATOR = "aggregator"
+SCALING = "scaling"
+
+
+class Member(NamedTuple):
+  """One weighting in a chain.
+
+  Attributes:
+    weighting: the method.
+    kind: ``AGGREGATOR`` or ``SCALING``.
+    mask: the ``shared=`` mask: for an aggregator, the shared leaves (combined
+      by its weights, the others summed) and the leaves its statistics are
+      read over; for a scaling, only the latter (every leaf is scaled).
+  """
+  weighting: weighting_lib.Weighting
+  kind: str
+  mask: masking.SharedMask
+
+
+class Part(NamedTuple):
+  """Members that share one state in the user's view.
+
+  A public factory gives one member. An alias (a scaling summed over tasks)
+  gives two whose state is the scaling's, its ``task_weights`` the product of
+  both members' weights (the weights applied to the shared leaves).
+  """
+  members: tuple
+  merged: bool = False
+
+  def init(self):
+    return self.members[0].weighting.initial_state()
+
+  def unpack(self, state) -> list:
+    rest = [m.weighting.initial_state() for m in self.members[1:]]
+    return [state] + rest
+
+  def pack(self, states: list, weights: list):
+    if not self.merged:
+      return states[0]
+    product = weights[0]
+    for w in weights[1:]:
+      product = product * w
+    first = states[0]
+    if first.task_weights is not None:
+      first = first._replace(task_weights=product.astype(first.task_weights.dtype))
+    return first
+
+
+class Method(optax.GradientTransformationExtraArgs):
+  """An optax transformation built from weightings.
+
+  It is an ordinary ``optax.GradientTransformationExtraArgs``; its ``parts``
+  let :func:`chain`, :func:`optax_mtl.loss_weights` and the gradient paths
+  read what each member needs.
+  """
+
+  @property
+  def reads(self) -> frozenset:
+    """Everything the members read (statistics and keyword arguments)."""
+    return frozenset().union(*(m.weighting.reads for p in self.parts
+                               for m in p.members))
+
+  @property
+  def kind(self) -> str:
+    """``AGGREGATOR`` if the output has the parameters' shapes, else ``SCALING``."""
+    return self.parts[-1].members[-1].kind
+
+  @property
+  def claims(self) -> frozenset:
+    """The properties every member claims (what the whole chain keeps)."""
+    members = [m for p in self.parts for m in p.members]
+    return frozenset.intersection(*(m.weighting.claims for m in members))
+
+
+def _members(parts) -> list:
+  return [m for p in parts for m in p.members]
+
+
+def _check_order(parts, name):
+  members = _members(parts)
+  for member in members[:-1]:
+    if member.kind == AGGREGATOR:
+      raise ValueError(
+          f"{name}: {member.weighting.name} maps the per-task gradients to one "
+          f"update, so it must come last; put task scalings before it and "
+          f"optimizers (optax.adam, ...) after the whole chain.")
+
+
+def _vectors(members, num_tasks, losses, kwargs):
+  """Validates the keyword arguments the members read; returns them."""
+  def required(key):
+    for m in members:
+      if key in m.weighting.reads:
+        return m.weighting.name
+    return None
+  owner = required("losses")
+  losses = validation.check_losses(losses, num_tasks, owner or members[0].weighting.name,
+                                   required=owner is not None)
+  owner_k = required("kpis")
+  kpis = kwargs.get("kpis")
+  if owner_k is not None or kpis is not None:
+    kpis = validation.check_losses(kpis, num_tasks,
+                                   owner_k or members[0].weighting.name,
+                                   required=owner_k is not None, name="kpis")
+  extra = {k: v for k, v in kwargs.items() if k != "kpis"}
+  return losses, kpis, extra
+
+
+def _check_tasks(members, num_tasks):
+  for m in members:
+    configured = m.weighting.num_tasks
+    if configured is not None:
+      validation.check_configured_tasks(num_tasks, configured, m.weighting.name,
+                                        m.weighting.tasks_argument)
+
+
+def _run(members, states, num_tasks, stats, losses, kpis, extra):
+  """Applies the members in order; returns (d, final weights, states, weights)."""
+  scales = None
+  weights_out, new_states, final = [], [], None
+  for member, state, member_stats in zip(members, states, stats):
+    gram = norms = None
+    if member_stats is not None:
+      gram, norms = member_stats
+      if scales is not None:
+        gram = gram.scaled(scales) if gram is not None else None
+        norms = jnp.abs(scales).astype(norms.dtype) * norms
+    inputs = weighting_lib.TaskInputs(num_tasks, gram, norms, losses, kpis, extra)
+    weights, state = member.weighting.apply(inputs, state)
+    weights_out.append(weights)
+    new_states.append(state)
+    if member.kind == SCALING:
+      scales = weights if scales is None else scales * weights
+    else:
+      final = weights
+  return scales, final, new_states, weights_out
+
+
+def _split_states(parts, state, single):
+  states = [state] if single else list(state)
+  return [s for part, st in zip(parts, states) for s in part.unpack(st)]
+
+
+def _join_states(parts, member_states, member_weights, single):
+  out, start = [], 0
+  for part in parts:
+    end = start + len(part.members)
+    out.append(part.pack(member_states[start:end], member_weights[start:end]))
+    start = end
+  return out[0] if single else tuple(out)
+
+
+def _name(parts, single):
+  if single:
+    return parts[0].members[-1].weighting.name
+  return "mtl.chain"
+
+
+def build(parts: Sequence[Part], *, single: bool) -> Method:
+  """The transformation of ``parts``; ``single``: its state is the one part's.
+
+  Args:
+    parts: the members grouped by the state the user sees.
+    single: True for one public method (state = that part's state), False
+      for :func:`chain` (state = the tuple of the parts' states, as
+      ``optax.chain`` gives).
+
+  Returns:
+    A :class:`Method`.
+  """
+  parts = tuple(parts)
+  name = _name(parts, single)
+  _check_order(parts, name)
+  members = _members(parts)
+
+  def init_fn(params):
+    del params
+    states = [p.init() for p in parts]
+    return states[0] if single else tuple(states)
+
+  def update_fn(task_grads, state, params=None, *, losses=None, **kwargs):
+    expected = validation.expected_tasks(losses, name)
+    num_tasks = validation.num_tasks(task_grads, name, expected)
+    _check_tasks(members, num_tasks)
+    losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
+    masks = [masking.resolve_shared(m.mask, task_grads, params, m.weighting.name)
+             for m in members]
+    stats = _statistics(members, masks, task_grads)
+    states = _split_states(parts, state, single)
+    scales, final, states, weights = _run(members, states, num_tasks, stats,
+                                          losses, kpis, extra)
+    if members[-1].kind == AGGREGATOR:
+      shared = final if scales is None else scales * final
+      updates = combine_lib.combine(shared, task_grads, masks[-1],
+                                    head_weights=scales)
+    else:
+      updates = combine_lib.scale_tasks(scales, task_grads)
+    return updates, _join_states(parts, states, weights, single)
+
+  method = Method(init_fn, update_fn)
+  method.parts = parts
+  method.single = single
+  return method
+
+
+def _statistics(members, masks, task_grads):
+  """One engine pass for every member's statistics; None where none is read."""
+  wanted = {}
+  for member, mask in zip(members, masks):
+    kind = member.weighting.statistics
+    if kind is not None:
+      key = tuple(jax.tree.leaves(mask))
+      wanted[key] = wanted.get(key, False) or kind == "gramian"
+  if not wanted:
+    return [None] * len(members)
+  keys = list(wanted)
+  results = statistics.task_statistics(
+      task_grads, [statistics.Request(k, wanted[k]) for k in keys])
+  by_key = dict(zip(keys, results))
+  out = []
+  for member, mask in zip(members, masks):
+    if member.weighting.statistics is None:
+      out.append(None)
+      continue
+    result = by_key[tuple(jax.tree.leaves(mask))]
+    gram = result.gramian if member.weighting.statistics == "gramian" else None
+    out.append((gram, result.norms))
+  return out
+
+
+def aggregator(weighting: weighting_lib.Weighting, *,
+               shared: masking.SharedMask = None) -> Method:
+  """Turns a weighting into an aggregator: per-task gradients in, one update out.
+
+  .. math::
+     u^\\ell = \\sum_t w_t\\, g_t^\\ell \\ \\text{(shared leaves)}, \\qquad
+     u^\\ell = \\sum_t g_t^\\ell \\ \\text{(heads)}
+
+  Args:
+    weighting: the method (:class:`optax_mtl.Weighting`).
+    shared: optional mask of shared leaves (pytree of bools, a prefix of the
+      parameters' structure, or a callable on the params). Its statistics
+      are read over these leaves.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return build([Part((Member(weighting, AGGREGATOR, shared),))], single=True)
+
+
+def task_scaling(weighting: weighting_lib.Weighting, *,
+                 shared: masking.SharedMask = None) -> Method:
+  """Turns a weighting into a task scaling: task t's gradient times ``w_t``.
+
+  Args:
+    weighting: the method (:class:`optax_mtl.Weighting`).
+    shared: optional mask of the leaves its statistics are read over (e.g.
+      the last shared layer for GradNorm); every leaf is scaled.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (stacked in, stacked out).
+  """
+  return build([Part((Member(weighting, SCALING, shared),))], single=True)
+
+
+def _single_member(tx, name, position):
+  if not isinstance(tx, Method) or not tx.single or len(tx.parts) != 1:
+    raise TypeError(
+        f"{name}: argument {position} is not a method of optax_mtl built by "
+        f"its factories (got {type(tx).__name__}). mtl.chain fuses task "
+        f"scalings and one aggregator; wrap optimizers and other optax "
+        f"transformations around it with optax.chain.")
+  return tx.parts[0]
+
+
+def chain(*transformations: Method) -> Method:
+  """Chains task scalings and an aggregator with one pass of each kind.
+
+  ``mtl.chain(s_1, ..., s_k, aggregator)`` gives the same update and the same
+  states as ``optax.chain(s_1, ..., s_k, aggregator)``, but reads the
+  gradients twice in total instead of once or twice per member: one
+  statistics pass (the Gramian of the scaled gradients is ``D G D``, formed
+  on the T x T matrix) and one combination pass (``sum_t d_t w_t g_t``).
+
+  Args:
+    *transformations: task scalings of this library, optionally ending with
+      one of its aggregators (or an alias such as ``mtl.dwa(...)``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its state is the tuple of
+    the members' states, as ``optax.chain`` gives.
+
+  Raises:
+    TypeError: an argument is not a method of this library.
+    ValueError: an aggregator is not last, or no argument is given.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_mtl as mtl
+    >>> tx = optax.chain(mtl.chain(mtl.normalize_gradients(), mtl.mgda()),
+    ...                  optax.adam(1e-3))
+    >>> state = tx.init({"w": jnp.zeros(2)})
+  """
+  if not transformations:
+    raise ValueError("mtl.chain: pass at least one method, e.g. "
+                     "mtl.chain(mtl.scale_by_realtime_loss(), mtl.mgda()).")
+  parts = [_single_member(tx, "mtl.chain", i) for i, tx in enumerate(transformations)]
+  return build(parts, single=False)
+
+
+def alias(scaling: Method, tail: weighting_lib.Weighting,
+          shared: masking.SharedMask) -> Method:
+  """A task scaling followed by a fixed aggregator, with the scaling's state.
+
+  Args:
+    scaling: a task scaling built by :func:`task_scaling`.
+    tail: a weighting with fixed weights (the sum, or task priorities).
+    shared: the aggregator's ``shared=`` mask; also the scaling's
+      statistics leaves when it has no mask of its own.
+
+  Returns:
+    An aggregator whose state is the scaling's, with ``task_weights`` the
+    weights applied to the shared leaves.
+  """
+  (member,) = scaling.parts[0].members
+  if member.mask is None:
+    member = member._replace(mask=shared)
+  return build([Part((member, Member(tail, AGGREGATOR, shared)), merged=True)],
+               single=True)
+
+
+def weights_from_losses(tx: Method, state: Any, losses: jax.Array, kwargs: dict,
+                        name: str) -> tuple[jax.Array, Any]:
+  """The weights and new state of ``tx`` from the losses alone.
+
+  Valid for methods that read no gradient statistics and whose heads are
+  weighted like the shared leaves (no ``shared=`` mask): their update is
+  then ``sum_t w_t g_t`` on every leaf, the gradient of ``sum_t w_t L_t``.
+
+  Raises:
+    TypeError: ``tx`` is not a method of this library.
+    ValueError: ``tx`` reads gradient statistics or has a ``shared=`` mask.
+  """
+  if not isinstance(tx, Method):
+    raise TypeError(
+        f"{name}: the weighting must be a method of optax_mtl (a task scaling "
+        f"such as mtl.scale_by_uncertainty(...), or an alias such as "
+        f"mtl.dwa(...)), with no optimizer chained after it; got "
+        f"{type(tx).__name__}.")
+  members = _members(tx.parts)
+  for m in members:
+    if m.weighting.statistics is not None:
+      raise ValueError(
+          f"{name}: {m.weighting.name} reads the {m.weighting.statistics} of "
+          f"the per-task gradients, which one backward pass does not give. "
+          f"Use the stacked path: losses, task_grads = "
+          f"mtl.value_and_jacobian(loss_fn)(params, ...), then "
+          f"tx.update(task_grads, state, params, losses=losses).")
+    if m.kind == AGGREGATOR and m.mask is not None:
+      raise ValueError(
+          f"{name}: {m.weighting.name} was built with shared=; one backward "
+          f"pass weights every leaf alike. Build it without shared= (heads "
+          f"then receive w_t times their task's gradient).")
+  num_tasks = losses.shape[0]
+  _check_tasks(members, num_tasks)
+  losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
+  states = _split_states(tx.parts, state, tx.single)
+  scales, final, states, weights = _run(members, states, num_tasks,
+                                        [None] * len(members), losses, kpis, extra)
+  if final is None:
+    effective = scales
+  else:
+    effective = final if scales is None else scales * final
+  return effective, _join_states(tx.parts, states, weights, tx.single)

@@ -1,1 +1,0 @@
-"""Methods that weigh the task gradients from their Gramian (and the losses)."""

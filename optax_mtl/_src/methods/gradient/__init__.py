@@ -1,0 +1,1 @@
+"""Methods whose weights depend on the per-task gradients' statistics."""

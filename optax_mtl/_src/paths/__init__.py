@@ -1,0 +1,1 @@
+"""Gradient paths: how a train step obtains what a method reads."""

@@ -1,0 +1,74 @@
+"""The stacked exact path: one forward pass, T backward passes vmapped."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from optax_mtl._src.engine import validation
+from optax_mtl._src.paths import arguments
+
+_NAME = "mtl.value_and_jacobian"
+
+
+def value_and_jacobian(
+    loss_fn: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+  """Like ``jax.value_and_grad`` for a loss function returning T task losses.
+
+  .. math::
+     (L(\\theta), J) \\quad\\text{with}\\quad
+     L \\in \\mathbb{R}^T,\\ J_t = \\nabla_\\theta L_t
+
+  One forward pass builds the VJP; the T backward passes are ``jax.vmap``-ed
+  over the rows of the identity, so the per-task gradients come out stacked:
+  every leaf has shape ``(T, *param_shape)``, the layout every transformation
+  of this library takes.
+
+  Arguments at ``argnums`` may be pytrees of arrays or Flax NNX modules. For a
+  module, the gradients are taken with respect to its ``nnx.Param`` variables
+  and returned as an ``nnx.State`` (as ``nnx.grad`` does); its other state
+  (BatchNorm statistics, Dropout RNG counters) is updated in place, once, as
+  in a single forward pass. Modules passed at other positions are updated too.
+
+  Args:
+    loss_fn: function returning a [T] vector of per-task losses (a list or
+      tuple of scalars is stacked), or ``(losses, aux)`` with ``has_aux``.
+    argnums: which positional argument(s) to differentiate.
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+
+  Returns:
+    A function with ``loss_fn``'s arguments returning ``(losses, task_grads)``
+    or ``((losses, aux), task_grads)``; ``task_grads`` is a tuple when
+    ``argnums`` is a sequence.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_mtl as mtl
+    >>> def losses_fn(w, x):
+    ...   return jnp.stack([jnp.sum(w * x), jnp.sum(w ** 2)])
+    >>> losses, task_grads = mtl.value_and_jacobian(losses_fn)(
+    ...     jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0]))
+    >>> task_grads
+    Array([[3., 4.],
+           [2., 4.]], dtype=float32)
+  """
+  single, chosen = arguments.positions(argnums, _NAME)
+
+  @functools.wraps(loss_fn)
+  def wrapped(*args, **kwargs):
+    call = arguments.Call(args, argnums, chosen, _NAME)
+    losses, vjp_fn, (aux, new_rest) = jax.vjp(
+        call.pure(loss_fn, kwargs, has_aux, _NAME), call.values, has_aux=True)
+    num_tasks = losses.shape[0]
+    (grads,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
+    call.write_back(new_rest)
+    validation.num_tasks(grads, _NAME)
+    task_grads = grads[0] if single else tuple(grads)
+    return ((losses, aux) if has_aux else losses), task_grads
+
+  return wrapped
