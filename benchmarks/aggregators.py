@@ -7,6 +7,13 @@ holding d parameters in total. Every method is jitted and timed per call
 time of one read of all gradients, the bandwidth floor of one pass. The T x T
 solves alone (weights from a given Gramian, T = 10) are timed too.
 
+Task scalings chained with an aggregator are timed both ways, with the same
+members: ``mtl.chain(scaling, aggregator)`` (one statistics pass and one
+combination pass for the whole chain) and ``optax.chain(scaling, aggregator)``
+(a pass per member plus a scaled copy of the gradients). Each is reported over
+the aggregator alone (``chain_ratio_to_aggregator``), and the two updates are
+checked to agree, so the pair times the same computation.
+
 Usage::
 
   python benchmarks/aggregators.py            # full run
@@ -53,11 +60,27 @@ def methods(num_tasks):
       "cagrad": mtl.cagrad(),
       "gradnorm (scale + sum)": mtl.gradnorm(num_tasks=num_tasks),
       "normalize_gradients + sum": _chain_sum(mtl.normalize_gradients()),
+      "normalize + mgda (mtl.chain)": mtl.chain(mtl.normalize_gradients(), mtl.mgda()),
+      "normalize + mgda (optax.chain)": optax.chain(mtl.normalize_gradients(), mtl.mgda()),
+      "realtime + pcgrad (mtl.chain)": mtl.chain(mtl.scale_by_realtime_loss(), mtl.pcgrad()),
+      "realtime + pcgrad (optax.chain)": optax.chain(mtl.scale_by_realtime_loss(),
+                                                     mtl.pcgrad()),
   }
 
 
+# (pair, aggregator-alone row, mtl.chain row, optax.chain row): the same
+# transformations fused by mtl.chain (one statistics pass, one combination
+# pass) and chained by optax.chain (a pass per member plus a scaled copy).
+CHAIN_PAIRS = [
+    ("normalize + mgda", "mgda", "normalize + mgda (mtl.chain)",
+     "normalize + mgda (optax.chain)"),
+    ("realtime + pcgrad", "pcgrad", "realtime + pcgrad (mtl.chain)",
+     "realtime + pcgrad (optax.chain)"),
+]
+
+
 def _chain_sum(scaling):
-  return optax.chain(scaling, mtl.sum())
+  return mtl.chain(scaling, mtl.sum())
 
 
 def make_grads(num_tasks, dim, seed=0):
@@ -85,11 +108,29 @@ def time_call(fn, *args, repeats):
   return statistics.median(times)
 
 
+def check_chains_agree(updates):
+  """The mtl.chain and optax.chain rows of a pair give the same update.
+
+  The tolerance is relative (rtol 1e-4) plus, per leaf, 1e-4 of the leaf's
+  largest entry: the two sum the T scaled gradients in different orders, so
+  entries that cancel to near zero differ by float32 rounding of the others.
+  """
+  for pair, _, fused, chained in CHAIN_PAIRS:
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(updates[fused]),
+                            jax.tree.leaves(updates[chained])):
+      a, b = np.asarray(a), np.asarray(b)
+      np.testing.assert_allclose(
+          a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()),
+          err_msg=f"{pair}: mtl.chain and optax.chain updates differ at "
+                  f"{jax.tree_util.keystr(path)}")
+
+
 def bench_case(num_tasks, dim, repeats):
   grads = make_grads(num_tasks, dim)
   params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
   losses = jnp.linspace(1.0, 2.0, num_tasks)
-  rows = {}
+  chain_rows = {row for pair in CHAIN_PAIRS for row in pair[2:]}
+  rows, updates = {}, {}
   for name, tx in methods(num_tasks).items():
     state = tx.init(params)
     # The new state is returned too: a method whose update applies the
@@ -97,7 +138,10 @@ def bench_case(num_tasks, dim, repeats):
     # removed as dead code.
     update = jax.jit(lambda g, s, p, l, tx=tx: tx.update(g, s, p, losses=l))
     rows[name] = time_call(update, grads, state, params, losses, repeats=repeats)
+    if name in chain_rows:
+      updates[name] = jax.device_get(update(grads, state, params, losses)[0])
   del grads
+  check_chains_agree(updates)
   return rows
 
 
@@ -135,10 +179,17 @@ def main(argv=None):
     floor = rows["sum (one read)"]
     entry = {"T": num_tasks, "d": dim,
              "ms": {k: 1e3 * v for k, v in rows.items()},
-             "ratio_to_one_read": {k: v / floor for k, v in rows.items()}}
+             "ratio_to_one_read": {k: v / floor for k, v in rows.items()},
+             "chain_ratio_to_aggregator": {
+                 pair: {"aggregator": alone, "mtl.chain": rows[fused] / rows[alone],
+                        "optax.chain": rows[chained] / rows[alone]}
+                 for pair, alone, fused, chained in CHAIN_PAIRS}}
     results["cases"].append(entry)
     print(f"T={num_tasks} d={dim}: " + ", ".join(
         f"{k} {1e3 * v:.2f} ms ({v / floor:.2f}x)" for k, v in rows.items()), flush=True)
+    print("  chain / aggregator alone: " + "; ".join(
+        f"{pair}: mtl.chain {r['mtl.chain']:.2f}x, optax.chain {r['optax.chain']:.2f}x"
+        for pair, r in entry["chain_ratio_to_aggregator"].items()), flush=True)
   solves = bench_solves(repeats=10 if args.quick else 50)
   results["solves_T10_ms"] = {k: 1e3 * v for k, v in solves.items()}
   print("T x T solve alone, T=10: " + ", ".join(
@@ -157,6 +208,20 @@ def main(argv=None):
   for entry in results["cases"]:
     cells = [f"{entry['ms'][n]:.2f} ({entry['ratio_to_one_read'][n]:.2f}x)" for n in names]
     lines.append(f"| {entry['T']} | {entry['d']:,} | " + " | ".join(cells) + " |")
+  lines += ["", "## Chain overhead", "",
+            "Time of a task scaling chained with an aggregator over the time of the "
+            "aggregator alone, in the same run: `mtl.chain` fuses them (one "
+            "statistics pass, one combination pass); `optax.chain` runs a pass per "
+            "member plus a scaled copy. Both give the same update (checked).", "",
+            "| T | d | scaling + aggregator | aggregator alone ms | mtl.chain ms (ratio) "
+            "| optax.chain ms (ratio) |", "|---|---|---|---|---|---|"]
+  for entry in results["cases"]:
+    for pair, alone, fused, chained in CHAIN_PAIRS:
+      r = entry["chain_ratio_to_aggregator"][pair]
+      lines.append(
+          f"| {entry['T']} | {entry['d']:,} | {pair} | {entry['ms'][alone]:.2f} "
+          f"| {entry['ms'][fused]:.2f} ({r['mtl.chain']:.2f}x) "
+          f"| {entry['ms'][chained]:.2f} ({r['optax.chain']:.2f}x) |")
   lines += ["", "T x T solve alone (weights from a given Gramian), T = 10:", "",
             "| solve | ms |", "|---|---|"]
   lines += [f"| {k} | {v:.3f} |" for k, v in results["solves_T10_ms"].items()]

@@ -13,15 +13,15 @@ benchmarks call, for every entry::
 
 ``losses`` is always passed; ``kpis`` (per-task scores in (0, 1], higher is
 better) only by benchmarks that have them -- a benchmark without KPIs skips the
-entries with ``needs_kpis=True`` and says so in its results. A method with
+entries whose method reads them (``needs_kpis``, from the method's own
+declaration) and says so in its results. A method with
 per-task state takes T from the factory's argument; a method with randomness
 takes a fixed seed here (the benchmarks vmap over their own seeds).
 
 Adding a method to every benchmark is one line in ``METHODS``, e.g.::
 
   Method("pcgrad", lambda T: mtl.pcgrad(seed=0)),
-  Method("uncertainty", lambda T: mtl.uncertainty_weighting(num_tasks=T),
-         needs_losses=True),
+  Method("uncertainty", lambda T: mtl.uncertainty_weighting(num_tasks=T)),
 """
 
 from __future__ import annotations
@@ -40,36 +40,32 @@ class Method(NamedTuple):
     label: short name used in tables, plots and ``--methods``.
     make: ``T -> optax.GradientTransformationExtraArgs`` mapping per-task
       gradients to one update (chained before the optimizer).
-    needs_losses: whether ``update`` requires ``losses=`` (the benchmarks pass
-      them to every method anyway).
-    needs_kpis: whether ``update`` requires ``kpis=``.
   """
   label: str
   make: Callable[[int], optax.GradientTransformationExtraArgs]
-  needs_losses: bool = False
-  needs_kpis: bool = False
+
+  @property
+  def needs_kpis(self) -> bool:
+    """Whether ``update`` requires ``kpis=`` (read from the method)."""
+    return "kpis" in getattr(self.make(2), "reads", frozenset())
 
 
 METHODS: tuple[Method, ...] = (
     Method("sum", lambda T: mtl.sum()),
     Method("mean", lambda T: mtl.mean()),
-    Method("initial loss", lambda T: mtl.initial_loss_weighting(num_tasks=T),
-           needs_losses=True),
-    Method("realtime loss", lambda T: mtl.realtime_loss_weighting(),
-           needs_losses=True),
-    Method("uncertainty", lambda T: mtl.uncertainty_weighting(num_tasks=T),
-           needs_losses=True),
+    Method("initial loss", lambda T: mtl.initial_loss_weighting(num_tasks=T)),
+    Method("realtime loss", lambda T: mtl.realtime_loss_weighting()),
+    Method("uncertainty", lambda T: mtl.uncertainty_weighting(num_tasks=T)),
     Method("uncertainty warm", lambda T: mtl.uncertainty_weighting(
-        num_tasks=T, warm_start=True), needs_losses=True),
-    Method("dwa", lambda T: mtl.dwa(num_tasks=T, period=50), needs_losses=True),
-    Method("dtp", lambda T: mtl.dtp(num_tasks=T, smoothing=0.9), needs_kpis=True),
+        num_tasks=T, warm_start=True)),
+    Method("dwa", lambda T: mtl.dwa(num_tasks=T, period=50)),
+    Method("dtp", lambda T: mtl.dtp(num_tasks=T, smoothing=0.9)),
     Method("rlw", lambda T: mtl.random_weighting(seed=0)),
-    Method("gls", lambda T: mtl.geometric_loss_weighting(), needs_losses=True),
-    Method("imtl-l", lambda T: mtl.imtl_l(num_tasks=T), needs_losses=True),
-    Method("imtl-l warm", lambda T: mtl.imtl_l(num_tasks=T, warm_start=True),
-           needs_losses=True),
-    Method("famo", lambda T: mtl.famo(num_tasks=T), needs_losses=True),
-    Method("gradnorm", lambda T: mtl.gradnorm(num_tasks=T), needs_losses=True),
+    Method("gls", lambda T: mtl.geometric_loss_weighting()),
+    Method("imtl-l", lambda T: mtl.imtl_l(num_tasks=T)),
+    Method("imtl-l warm", lambda T: mtl.imtl_l(num_tasks=T, warm_start=True)),
+    Method("famo", lambda T: mtl.famo(num_tasks=T)),
+    Method("gradnorm", lambda T: mtl.gradnorm(num_tasks=T)),
     Method("normalize", lambda T: mtl.chain(mtl.normalize_gradients(), mtl.sum())),
     Method("mgda", lambda T: mtl.mgda()),
     Method("mgda-l2", lambda T: mtl.mgda(normalization="l2")),

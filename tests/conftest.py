@@ -1,10 +1,13 @@
 """Strict JAX settings for the whole suite.
 
-Rank promotion raises, warnings are errors (pyproject.toml), and four CPU
-devices exist so that sharded runs can be compared with single-device ones.
+The suite runs on the CPU backend whatever the machine has (so it also runs
+on a GPU host), with four virtual CPU devices so that sharded runs can be
+compared with single-device ones. Rank promotion raises and warnings are
+errors (pyproject.toml).
 """
 
 import jax
 
+jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_numpy_rank_promotion", "raise")

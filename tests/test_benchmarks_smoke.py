@@ -159,8 +159,24 @@ def test_aggregator_timings_report_ratios_to_one_read(tmp_path):
   for case in saved["cases"]:
     assert case["ratio_to_one_read"]["sum (one read)"] == 1.0
     assert all(math.isfinite(v) and v > 0 for v in case["ms"].values())
+    # Each scaling + aggregator pair is timed fused (mtl.chain) and chained
+    # (optax.chain), beside the aggregator alone, with both ratios reported.
+    ratios = case["chain_ratio_to_aggregator"]
+    assert set(ratios) == {pair for pair, *_ in aggregators.CHAIN_PAIRS}
+    for pair, alone, fused, chained in aggregators.CHAIN_PAIRS:
+      assert {alone, fused, chained} <= set(case["ms"])
+      assert ratios[pair]["aggregator"] == alone
+      for key, row in (("mtl.chain", fused), ("optax.chain", chained)):
+        ratio = ratios[pair][key]
+        assert math.isfinite(ratio) and ratio > 0, (pair, key)
+        assert math.isclose(ratio, case["ms"][row] / case["ms"][alone], rel_tol=1e-9)
+  assert {"normalize + mgda", "realtime + pcgrad"} <= {
+      pair for pair, *_ in aggregators.CHAIN_PAIRS}
   assert set(saved["solves_T10_ms"]) == {"mgda", "cagrad", "pcgrad"}
-  assert path.with_suffix(".md").read_text().startswith("# Aggregator time per call")
+  markdown = path.with_suffix(".md").read_text()
+  assert markdown.startswith("# Aggregator time per call")
+  assert "## Chain overhead" in markdown
+  assert "normalize + mgda (mtl.chain)" in markdown
 
 
 def test_one_backward_timings_compare_with_summed_loss(tmp_path):

@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+import optax_mtl as mtl
 from method_cases import CASES
 
 IDS = [case.name for case in CASES]
@@ -156,7 +157,6 @@ def test_chains_with_optax_under_jit(case):
   params = make_params()
   tail = optax.chain(case.make(num_tasks), optax.adam(1e-2))
   if case.kind == "scaling":
-    import optax_mtl as mtl
     tail = optax.chain(case.make(num_tasks), mtl.sum(), optax.adam(1e-2))
   state = tail.init(params)
 
@@ -237,16 +237,18 @@ def test_error_missing_losses(case):
 # --- shared mask --------------------------------------------------------------
 
 AGGREGATORS = [c for c in CASES if c.kind == "aggregator"]
+# Aliases scale every leaf, heads included, before summing: their heads are
+# checked against optax.chain(scaling, sum) in test_core.py.
+PURE_AGGREGATORS = [c for c in AGGREGATORS if len(c.make(3).parts[0].members) == 1]
 
 
-@pytest.mark.parametrize("case", AGGREGATORS, ids=[c.name for c in AGGREGATORS])
+@pytest.mark.parametrize("case", PURE_AGGREGATORS, ids=[c.name for c in PURE_AGGREGATORS])
 @pytest.mark.parametrize("as_callable", [False, True])
 def test_heads_are_summed_over_tasks(case, as_callable):
   num_tasks = 3
   params = make_params()
   mask = {"trunk": True, "head": False}  # a prefix of the parameter tree
-  tx = case.make(num_tasks)
-  masked = _with_shared(case, num_tasks, (lambda p: mask) if as_callable else mask)
+  masked = case.make(num_tasks, shared=(lambda p: mask) if as_callable else mask)
   grads = random_grads(num_tasks)
   out, _ = masked.update(grads, masked.init(params), params, **extra_args(num_tasks))
   np.testing.assert_allclose(out["head"], grads["head"].sum(0), rtol=1e-6)
@@ -254,30 +256,6 @@ def test_heads_are_summed_over_tasks(case, as_callable):
   other = dict(grads, head=10.0 * grads["head"])
   out2, _ = masked.update(other, masked.init(params), params, **extra_args(num_tasks))
   chex_close(out["trunk"], out2["trunk"])
-  del tx
-
-
-def _with_shared(case, num_tasks, shared):
-  import inspect
-  import optax_mtl as mtl
-  # Rebuild the method with the same configuration and a shared= mask.
-  factory = getattr(mtl, case.name)
-  tx = case.make(num_tasks)
-  del tx
-  sig = inspect.signature(factory)
-  assert "shared" in sig.parameters, f"{case.name} must accept shared="
-  return case_with_kwargs(case, num_tasks, shared=shared)
-
-
-def case_with_kwargs(case, num_tasks, **kwargs):
-  """Calls the case's builder with extra keyword arguments for its factory."""
-  import optax_mtl as mtl
-  original = getattr(mtl, case.name)
-  try:
-    setattr(mtl, case.name, lambda *a, **k: original(*a, **{**k, **kwargs}))
-    return case.make(num_tasks)
-  finally:
-    setattr(mtl, case.name, original)
 
 
 # --- sharded runs ---------------------------------------------------------------
@@ -309,3 +287,148 @@ def test_sharded_matches_single_device(case, axis_type):
       out, state = update(place(g, 1), state, sharded_params,
                           **extra_args(num_tasks, step))
       chex_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# --- the state convention and the properties each method claims --------------
+
+
+def flat(tree) -> np.ndarray:
+  """An update as one float64 vector."""
+  leaves = jax.tree.leaves(tree)
+  return np.concatenate([np.asarray(l, np.float64).reshape(-1) for l in leaves])
+
+
+def task_rows(task_grads) -> np.ndarray:
+  leaves = jax.tree.leaves(task_grads)
+  return np.concatenate([np.asarray(l, np.float64).reshape(l.shape[0], -1)
+                         for l in leaves], axis=1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_state_logs_the_weights_it_applied(case):
+  # optax.tree.get(state, "task_weights") reads what multiplied each task's
+  # gradient at this step: the update is rebuilt from it.
+  num_tasks = 3
+  params = make_params()
+  tx = case.make(num_tasks)
+  state = tx.init(params)
+  for step in range(STEPS):
+    grads = random_grads(num_tasks, seed=step)
+    out, state = tx.update(grads, state, params, **extra_args(num_tasks, step))
+    weights = optax.tree.get(state, "task_weights")
+    assert weights.shape == (num_tasks,) and weights.dtype == jnp.float32
+    rebuilt = (mtl.combine(weights, grads) if case.kind == "aggregator"
+               else mtl.scale_tasks(weights, grads))
+    chex_close(out, rebuilt, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mtl.applied_weights(state), weights)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_without_num_tasks_the_state_keeps_none(case):
+  import inspect
+  factory = getattr(mtl, case.name, None)
+  if factory is None or "num_tasks" not in inspect.signature(factory).parameters:
+    pytest.skip("the name is a configuration of another case")
+  parameter = inspect.signature(factory).parameters["num_tasks"]
+  if parameter.default is not None:
+    pytest.skip("num_tasks is required: the state is shaped by T")
+  try:
+    tx = case.make(None)
+  except ValueError as e:  # this configuration needs T (initial losses)
+    assert "num_tasks=T" in str(e)
+    pytest.skip(str(e))
+  params = make_params()
+  state = tx.init(params)
+  assert optax.tree.get(state, "task_weights") is None
+  _, new_state = jax.jit(tx.update)(random_grads(3), state, params, **extra_args(3))
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+def claiming(claim):
+  chosen = [c for c in CASES if claim in c.claims]
+  return pytest.mark.parametrize("case", chosen, ids=[c.name for c in chosen])
+
+
+def _run_fresh(case, grads_per_step, extras_per_step, num_tasks):
+  tx = case.make(num_tasks)
+  params = make_params()
+  state = tx.init(params)
+  outs = []
+  for grads, extras in zip(grads_per_step, extras_per_step):
+    out, state = tx.update(grads, state, params, **extras)
+    outs.append(out)
+  return outs
+
+
+def _steps(num_tasks, seeds=(0, 1), scale=1.0):
+  grads = [random_grads(num_tasks, seed=s, scale=scale) for s in seeds]
+  extras = [extra_args(num_tasks, step) for step in range(len(seeds))]
+  return grads, extras
+
+
+@claiming("permutation_equivariant")
+def test_permutation_equivariance(case):
+  num_tasks = 4
+  perm = np.array([2, 0, 3, 1])
+  grads, extras = _steps(num_tasks)
+  permute = lambda tree: jax.tree.map(lambda x: x[perm], tree)
+  base = _run_fresh(case, grads, extras, num_tasks)
+  moved = _run_fresh(case, [permute(g) for g in grads],
+                     [{k: v[perm] for k, v in e.items()} for e in extras], num_tasks)
+  for a, b in zip(base, moved):
+    expected = a if case.kind == "aggregator" else permute(a)
+    chex_close(b, expected, rtol=1e-4, atol=1e-5)
+
+
+@claiming("homogeneous")
+def test_homogeneous_in_the_gradients(case):
+  num_tasks = 3
+  grads, extras = _steps(num_tasks)
+  base = _run_fresh(case, grads, extras, num_tasks)
+  scaled = _run_fresh(case, [jax.tree.map(lambda x: 7.5 * x, g) for g in grads],
+                      extras, num_tasks)
+  for a, b in zip(base, scaled):
+    chex_close(b, jax.tree.map(lambda x: 7.5 * x, a), rtol=1e-4, atol=1e-5)
+
+
+@claiming("task_scale_invariant")
+def test_invariant_to_each_tasks_scale(case):
+  num_tasks = 3
+  factors = jnp.array([1e-3, 1.0, 40.0])
+  grads, extras = _steps(num_tasks)
+  base = _run_fresh(case, grads, extras, num_tasks)
+  scaled = _run_fresh(case, [mtl.scale_tasks(factors, g) for g in grads], extras,
+                      num_tasks)
+  for a, b in zip(base, scaled):
+    chex_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@claiming("non_conflicting")
+@pytest.mark.parametrize("num_tasks", [2, 3, 5])
+def test_update_conflicts_with_no_task(case, num_tasks):
+  for seed in range(4):
+    # A shared component plus unequal scales: some pairs conflict.
+    grads = random_grads(num_tasks, seed=seed)
+    scales = jnp.logspace(-1, 1, num_tasks)
+    grads = mtl.scale_tasks(scales, jax.tree.map(
+        lambda g: g + 0.3 * g[:1], grads))
+    (out,) = _run_fresh(case, [grads], [extra_args(num_tasks)], num_tasks)
+    rows, update = task_rows(grads), flat(out)
+    dots = rows @ update
+    tolerance = 1e-4 * np.linalg.norm(rows, axis=1) * np.linalg.norm(update)
+    assert np.all(dots >= -tolerance), (seed, dots)
+
+
+@claiming("stationary_zero")
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_zero_update_at_a_pareto_stationary_point(case, num_tasks):
+  base = random_grads(num_tasks, seed=3)
+  # The last task's gradient cancels a positive combination of the others,
+  # so 0 is in the convex hull.
+  def close_hull(g):
+    head = g[:-1] * jnp.arange(1, num_tasks).reshape((-1,) + (1,) * (g.ndim - 1))
+    return jnp.concatenate([g[:-1], -jnp.sum(head, axis=0, keepdims=True)])
+  grads = jax.tree.map(close_hull, base)
+  (out,) = _run_fresh(case, [grads], [extra_args(num_tasks)], num_tasks)
+  scale = np.max(np.linalg.norm(task_rows(grads), axis=1))
+  assert np.linalg.norm(flat(out)) <= 1e-4 * scale

@@ -45,9 +45,11 @@ Example:
 def _tail(priorities: Any, num_tasks: int | None) -> weighting_lib.Weighting:
   if priorities is None:
     return weighting_lib.constant(
-        "mtl.sum", lambda t: jnp.ones(t, jnp.float32), num_tasks)
+        "mtl.sum", lambda t: jnp.ones(t, jnp.float32), num_tasks,
+        claims={"permutation_equivariant", "homogeneous"})
   vector = hyperparams.weight_vector(priorities, "mtl.weighted", "priorities")
   return weighting_lib.constant("mtl.weighted", lambda t: vector, vector.shape[0],
+                                claims={"homogeneous"},
                                 tasks_argument="len(priorities)")
 
 

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_mtl._src.core import aliases
@@ -30,12 +29,7 @@ class InitialLossState(NamedTuple):
 
 
 def _reference_vector(values: Any, method: str, argument: str) -> jax.Array:
-  shape = np.shape(values)
-  if len(shape) != 1 or shape[0] == 0:
-    raise ValueError(
-        f"{method}: {argument} must be a non-empty vector with one entry per "
-        f"task, got shape {tuple(shape)}.")
-  vector = jnp.asarray(values, jnp.float32)
+  vector = hyperparams.weight_vector(values, method, argument)
   return loss_inputs.positive_losses(vector, method, name=argument)
 
 
