@@ -161,7 +161,7 @@ def test_one_backward_errors():
   params = init_params()
   regrouping = optax.chain(mtl.scale_by_realtime_loss(),
                            optax.stateless(lambda u, p: {"tasks": u}))
-  with pytest.raises(TypeError, match="method of optax_mtl.*no optimizer"):
+  with pytest.raises(TypeError, match="one of optax_mtl.s.*no optimizer"):
     mtl.value_and_weighted_grad(loss_fn, regrouping)(
         regrouping.init(params), params, x, y)
   weighting = mtl.scale_by_realtime_loss()

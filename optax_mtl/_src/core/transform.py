@@ -361,6 +361,92 @@ def alias(scaling: Method, tail: weighting_lib.Weighting,
                single=True)
 
 
+class Weights(NamedTuple):
+  """The weights a method applies, for a path that combines by itself.
+
+  Attributes:
+    shared: [T] weights of the shared leaves (``sum_t shared_t g_t``).
+    heads: [T] weights of the task-specific leaves (ones unless task
+      scalings came first: they scale the heads too).
+  """
+  shared: jax.Array
+  heads: jax.Array
+
+
+def _method_members(tx, name):
+  if not isinstance(tx, Method):
+    raise TypeError(
+        f"{name}: the method must be one of optax_mtl's (an aggregator such "
+        f"as mtl.mgda(), a task scaling, an alias such as mtl.dwa(...), or an "
+        f"mtl.chain of them), with no optimizer chained after it; got "
+        f"{type(tx).__name__}. Chain the optimizer after the gradients this "
+        f"path returns.")
+  return _members(tx.parts)
+
+
+def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
+                            gram: statistics.Gramian | None, losses: Any,
+                            kwargs: dict, name: str) -> tuple[Weights, Any]:
+  """Runs ``tx``'s rules on statistics a gradient path computed itself.
+
+  The stacked path computes the statistics from the per-task gradients; a
+  path that never holds them (one backward pass, the representation path,
+  the memory-lean Gramian) passes the Gramian it has, or None, and combines
+  the gradients itself with the returned weights. Every member that reads
+  statistics reads this one Gramian, so members with a mask of their own
+  (``layer=``) are refused.
+
+  Args:
+    tx: a method of this library.
+    state: its state.
+    num_tasks: T.
+    gram: the Gramian the members read, or None when the path has none.
+    losses: the losses (validated here), or None.
+    kwargs: the other keyword arguments of ``update``.
+    name: the path's public name, for messages.
+
+  Returns:
+    ``(Weights, new_state)``; ``new_state`` is what ``tx.update`` returns.
+
+  Raises:
+    TypeError: ``tx`` is not a method of this library.
+    ValueError: a member reads statistics the path does not give, or has a
+      mask of its own.
+  """
+  members = _method_members(tx, name)
+  for m in members:
+    kind = m.weighting.statistics
+    if kind is None:
+      continue
+    if gram is None:
+      raise ValueError(
+          f"{name}: {m.weighting.name} reads the {kind} of the per-task "
+          f"gradients, which one backward pass does not give. Use the "
+          f"stacked path: losses, task_grads = mtl.value_and_jacobian("
+          f"loss_fn)(params, ...), then tx.update(task_grads, state, params, "
+          f"losses=losses); or a path that computes the Gramian.")
+    if m.kind == SCALING and m.mask is not None:
+      raise ValueError(
+          f"{name}: {m.weighting.name} reads its statistics over its own "
+          f"leaves (layer= or shared=); on this path every member reads the "
+          f"same Gramian. Build it without its own mask, or use the stacked "
+          f"path.")
+  _check_tasks(members, num_tasks)
+  losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
+  stats = [None if m.weighting.statistics is None else
+           (gram if m.weighting.statistics == "gramian" else None, gram.norms())
+           for m in members]
+  states = _split_states(tx.parts, state, tx.single)
+  scales, final, states, weights = _run(members, states, num_tasks, stats,
+                                        losses, kpis, extra)
+  heads = jnp.ones((num_tasks,), jnp.float32) if scales is None else scales
+  if final is None:
+    shared = heads
+  else:
+    shared = final if scales is None else scales * final
+  return Weights(shared, heads), _join_states(tx.parts, states, weights, tx.single)
+
+
 def weights_from_losses(tx: Method, state: Any, losses: jax.Array, kwargs: dict,
                         name: str) -> tuple[jax.Array, Any]:
   """The weights and new state of ``tx`` from the losses alone.
@@ -373,34 +459,12 @@ def weights_from_losses(tx: Method, state: Any, losses: jax.Array, kwargs: dict,
     TypeError: ``tx`` is not a method of this library.
     ValueError: ``tx`` reads gradient statistics or has a ``shared=`` mask.
   """
-  if not isinstance(tx, Method):
-    raise TypeError(
-        f"{name}: the weighting must be a method of optax_mtl (a task scaling "
-        f"such as mtl.scale_by_uncertainty(...), or an alias such as "
-        f"mtl.dwa(...)), with no optimizer chained after it; got "
-        f"{type(tx).__name__}.")
-  members = _members(tx.parts)
-  for m in members:
-    if m.weighting.statistics is not None:
-      raise ValueError(
-          f"{name}: {m.weighting.name} reads the {m.weighting.statistics} of "
-          f"the per-task gradients, which one backward pass does not give. "
-          f"Use the stacked path: losses, task_grads = "
-          f"mtl.value_and_jacobian(loss_fn)(params, ...), then "
-          f"tx.update(task_grads, state, params, losses=losses).")
+  for m in _method_members(tx, name):
     if m.kind == AGGREGATOR and m.mask is not None:
       raise ValueError(
           f"{name}: {m.weighting.name} was built with shared=; one backward "
           f"pass weights every leaf alike. Build it without shared= (heads "
           f"then receive w_t times their task's gradient).")
-  num_tasks = losses.shape[0]
-  _check_tasks(members, num_tasks)
-  losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
-  states = _split_states(tx.parts, state, tx.single)
-  scales, final, states, weights = _run(members, states, num_tasks,
-                                        [None] * len(members), losses, kpis, extra)
-  if final is None:
-    effective = scales
-  else:
-    effective = final if scales is None else scales * final
-  return effective, _join_states(tx.parts, states, weights, tx.single)
+  weights, new_state = weights_from_statistics(tx, state, losses.shape[0], None,
+                                               losses, kwargs, name)
+  return weights.shared, new_state
