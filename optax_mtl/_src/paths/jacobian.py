@@ -8,16 +8,33 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from optax_mtl._src.engine import hyperparams
 from optax_mtl._src.engine import validation
 from optax_mtl._src.paths import arguments
 
 _NAME = "mtl.value_and_jacobian"
 
 
+def _backward_passes(vjp_fn, num_tasks: int, dtype, chunk_size: int | None):
+  """The T rows of the Jacobian, all at once or ``chunk_size`` tasks at a time."""
+  eye = jnp.eye(num_tasks, dtype=dtype)
+  if chunk_size is None or chunk_size >= num_tasks:
+    (grads,) = jax.vmap(vjp_fn)(eye)
+    return grads
+  chunks = -(-num_tasks // chunk_size)
+  # Padding rows are zero cotangents; their (zero) gradients are dropped.
+  padded = jnp.zeros((chunks * chunk_size, num_tasks), dtype).at[:num_tasks].set(eye)
+  (grads,) = jax.lax.map(jax.vmap(vjp_fn), padded.reshape(chunks, chunk_size, num_tasks))
+  return jax.tree.map(
+      lambda g: g.reshape((chunks * chunk_size,) + g.shape[2:])[:num_tasks], grads)
+
+
 def value_and_jacobian(
     loss_fn: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
+    *,
+    chunk_size: int | None = None,
 ) -> Callable[..., Any]:
   """Like ``jax.value_and_grad`` for a loss function returning T task losses.
 
@@ -36,11 +53,18 @@ def value_and_jacobian(
   (BatchNorm statistics, Dropout RNG counters) is updated in place, once, as
   in a single forward pass. Modules passed at other positions are updated too.
 
+  ``chunk_size`` bounds the peak memory of the backward passes: the tasks are
+  processed ``chunk_size`` at a time (``lax.map`` over chunks of the identity
+  cotangents), so the intermediate buffers of only that many backward passes
+  are live at once; the result is the same.
+
   Args:
     loss_fn: function returning a [T] vector of per-task losses (a list or
       tuple of scalars is stacked), or ``(losses, aux)`` with ``has_aux``.
     argnums: which positional argument(s) to differentiate.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    chunk_size: optional number of tasks whose backward passes run together
+      (a positive int; None: all T at once).
 
   Returns:
     A function with ``loss_fn``'s arguments returning ``(losses, task_grads)``
@@ -58,14 +82,15 @@ def value_and_jacobian(
            [2., 4.]], dtype=float32)
   """
   single, chosen = arguments.positions(argnums, _NAME)
+  if chunk_size is not None:
+    hyperparams.integer(chunk_size, _NAME, "chunk_size")
 
   @functools.wraps(loss_fn)
   def wrapped(*args, **kwargs):
     call = arguments.Call(args, argnums, chosen, _NAME)
     losses, vjp_fn, (aux, new_rest) = jax.vjp(
         call.pure(loss_fn, kwargs, has_aux, _NAME), call.values, has_aux=True)
-    num_tasks = losses.shape[0]
-    (grads,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
+    grads = _backward_passes(vjp_fn, losses.shape[0], losses.dtype, chunk_size)
     call.write_back(new_rest)
     validation.num_tasks(grads, _NAME)
     task_grads = grads[0] if single else tuple(grads)
