@@ -432,3 +432,21 @@ def test_zero_update_at_a_pareto_stationary_point(case, num_tasks):
   (out,) = _run_fresh(case, [grads], [extra_args(num_tasks)], num_tasks)
   scale = np.max(np.linalg.norm(task_rows(grads), axis=1))
   assert np.linalg.norm(flat(out)) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_error_parameter_shaped_gradients(case):
+  # The gradient of the summed loss has no task axis: with params given the
+  # mistake is named instead of the first parameter axis being taken as T.
+  params = make_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = case.make(8)
+  with pytest.raises(ValueError, match=r"\(T,\) \+ param.shape"):
+    tx.update(grads, tx.init(params), params, **extra_args(8))
+
+
+def test_error_two_aggregators_in_one_chain():
+  params = make_params()
+  tx = optax.chain(mtl.mean(), mtl.mgda())
+  with pytest.raises(ValueError, match="only one aggregator in a chain"):
+    tx.update(random_grads(3), tx.init(params), params)

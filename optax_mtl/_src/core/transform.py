@@ -213,7 +213,7 @@ def build(parts: Sequence[Part], *, single: bool) -> Method:
 
   def update_fn(task_grads, state, params=None, *, losses=None, **kwargs):
     expected = validation.expected_tasks(losses, name)
-    num_tasks = validation.num_tasks(task_grads, name, expected)
+    num_tasks = validation.num_tasks(task_grads, name, expected, params)
     _check_tasks(members, num_tasks)
     losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
     masks = [masking.resolve_shared(m.mask, task_grads, params, m.weighting.name)

@@ -24,7 +24,31 @@ def _leaf_path(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def num_tasks(task_grads: Any, method: str, expected: int | None = None) -> int:
+def _check_against_params(leads, task_grads, params, method: str) -> None:
+  """Every leaf of ``task_grads`` has shape ``(T,) + param.shape``.
+
+  Checked when ``update`` receives the parameters and their structure
+  matches the gradients'. This catches parameter-shaped gradients (no task
+  axis, whose first parameter axis would otherwise be taken as T) and a
+  second aggregator in one chain (it receives one update, not T gradients).
+  """
+  params_leaves, params_def = jax.tree.flatten(params)
+  if jax.tree.structure(task_grads) != params_def:
+    return
+  for (where, shape), param in zip(leads, params_leaves):
+    param_shape = tuple(np.shape(param))
+    if shape[1:] != param_shape:
+      raise ValueError(
+          f"{method}: leaf {where} of task_grads has shape {shape} (leading "
+          f"axis {shape[0]}), but per-task gradients need shape (T,) + "
+          f"param.shape = (T, {', '.join(map(str, param_shape))}). Pass one "
+          f"gradient per task stacked on a leading axis (not the gradient of "
+          f"the summed loss), and put only one aggregator in a chain: after "
+          f"it the updates have the parameters' shapes. " + _HOW_TO_BUILD)
+
+
+def num_tasks(task_grads: Any, method: str, expected: int | None = None,
+              params: Any = None) -> int:
   """Returns T, the common leading axis of every leaf of ``task_grads``.
 
   Args:
@@ -32,6 +56,8 @@ def num_tasks(task_grads: Any, method: str, expected: int | None = None) -> int:
     method: name of the calling transformation, used in error messages.
     expected: T known from elsewhere (e.g. ``losses``); leaves are checked
       against it so that the error names the leaf that disagrees.
+    params: the parameters given to ``update``, if any; when their structure
+      is the gradients', every leaf must be ``(T,) + param.shape``.
 
   Raises:
     ValueError: a leaf is not a floating array, has no leading axis, or its
@@ -65,6 +91,8 @@ def num_tasks(task_grads: Any, method: str, expected: int | None = None) -> int:
           f"leading task axis. Every leaf needs shape (T, *param_shape). "
           + _HOW_TO_BUILD)
     leads.append((where, tuple(shape)))
+  if params is not None:
+    _check_against_params(leads, task_grads, params, method)
   # Without losses, the most common leading axis is taken as T, so the error
   # names the leaf that is the odd one out.
   counts = collections.Counter(shape[0] for _, shape in leads)
@@ -158,3 +186,4 @@ def check_configured_tasks(num_tasks_: int, configured: int, method: str,
         f"{method} was built for {configured} tasks ({argument}) but "
         f"task_grads has T={num_tasks_}. Build it with {argument} matching "
         f"the number of tasks (the leading axis of every gradient leaf).")
+

@@ -1,0 +1,357 @@
+"""The memory-lean exact Gramian path: T VJPs and T JVPs, one gradient at a time.
+
+The Gramian methods (MGDA, PCGrad, CAGrad, ...) read only the T x T Gramian
+``G = J J^T`` of the per-task gradients and return ``sum_t w_t g_t``. The
+stacked path (``value_and_jacobian``) holds the T gradients at once, T times
+the parameters' memory. This path never does: for each task t, a VJP with
+cotangent ``e_t`` gives ``g_t`` (one parameter-sized buffer), and a JVP of the
+loss vector along ``g_t`` (restricted to the shared leaves) gives the column
+``J g_t = G[:, t]``. The method's weights then come from ``G`` alone and one
+weighted VJP gives the update. The linearisation is built once (one forward
+pass, its residuals kept as a VJP's are); every VJP and JVP reuses it.
+
+Like TorchJD's "autogram", the Gramian is exact (same matrix as the stacked
+path, up to float rounding); unlike the stacked path, the gradients are
+never stacked.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_mtl._src.core import transform
+from optax_mtl._src.engine import masking
+from optax_mtl._src.engine import statistics
+from optax_mtl._src.paths import arguments
+
+_NAME = "mtl.value_and_gramian_grad"
+_GRAMIAN_NAME = "mtl.value_and_gramian"
+
+
+def _chunk_size(chunk_size, name):
+  if chunk_size is None:
+    return None
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"{name}: chunk_size must be a positive int (tasks whose "
+                     f"gradients are held at once) or None (all of them), got "
+                     f"{chunk_size!r}.")
+  return chunk_size
+
+
+def _forward_mode_hint(error: Exception, name: str) -> Exception:
+  return TypeError(
+      f"{name} differentiates loss_fn in forward mode (JVPs along the task "
+      f"gradients) as well as in reverse mode, and loss_fn does not support "
+      f"it ({error}). A jax.custom_vjp function needs a JVP rule "
+      f"(jax.custom_jvp) for this path; or use the stacked path: losses, "
+      f"task_grads = mtl.value_and_jacobian(loss_fn)(...), then tx.update.")
+
+
+class _Linearized:
+  """One forward pass of ``loss_fn``, linearised: its VJP and JVP on flat leaves.
+
+  Attributes:
+    losses: [T] task losses.
+    aux: ``(aux, new_rest)`` of :meth:`arguments.Call.pure`.
+    leaves: the differentiated values' leaves (flattening order).
+  """
+
+  def __init__(self, call: arguments.Call, loss_fn, kwargs, has_aux, name):
+    values = call.values
+    self.leaves, self._treedef = jax.tree.flatten(values)
+    try:
+      self.losses, self._jvp, self.aux = jax.linearize(
+          call.pure(loss_fn, kwargs, has_aux, name), values, has_aux=True)
+    except TypeError as error:
+      if "forward-mode" in str(error) or "jvp" in str(error):
+        raise _forward_mode_hint(error, name) from error
+      raise
+    self._vjp = jax.linear_transpose(self._jvp, values)
+
+  def vjp(self, cotangent: jax.Array) -> list:
+    """``sum_t c_t grad L_t`` as a list of leaves."""
+    (grads,) = self._vjp(cotangent.astype(self.losses.dtype))
+    return jax.tree.leaves(grads)
+
+  def jvp(self, tangent_leaves: list) -> jax.Array:
+    """``J v``, [T], for a tangent given as a list of leaves."""
+    return self._jvp(jax.tree.unflatten(self._treedef, tangent_leaves))
+
+
+def _unit(leaves, mask, dtype):
+  """``(g / ||g||, ||g||)`` over the masked leaves, without overflow or NaN.
+
+  The norm is ``m * ||g / m||`` with ``m`` the largest magnitude, so it is in
+  range whenever the entries are; a zero gradient has norm 0 and a zero unit
+  vector. Unmasked leaves get a zero tangent.
+  """
+  selected = [l for l, m in zip(leaves, mask) if m and l.size]
+  largest = jnp.zeros((), dtype)
+  for leaf in selected:
+    largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf)).astype(dtype))
+  safe = jnp.where(largest > 0, largest, 1.0)
+  squares = jnp.zeros((), dtype)
+  for leaf in selected:
+    squares = squares + jnp.sum(jnp.square(leaf.astype(dtype) / safe))
+  norm = safe * jnp.sqrt(squares)
+  divisor = jnp.where(norm > 0, norm, 1.0)
+  unit = [(l.astype(dtype) / divisor).astype(l.dtype) if m else jnp.zeros_like(l)
+          for l, m in zip(leaves, mask)]
+  return unit, norm
+
+
+def _gramian(lin: _Linearized, mask: list, chunk_size) -> statistics.Gramian:
+  """The exact Gramian over the masked leaves, one task (or chunk) at a time."""
+  num_tasks = lin.losses.shape[0]
+  dtype = statistics.accumulation_dtype(
+      [l for l, m in zip(lin.leaves, mask) if m])
+  if not any(m and l.size for l, m in zip(lin.leaves, mask)):
+    return statistics.Gramian(jnp.zeros((num_tasks, num_tasks), dtype),
+                              jnp.zeros((), dtype))
+
+  def column(row):
+    # g_t = J^T e_t, then u_t = J (g_t / ||g_t||) = G[:, t] / ||g_t||.
+    unit, norm = _unit(lin.vjp(row), mask, dtype)
+    return lin.jvp(unit).astype(dtype), norm
+
+  rows = jnp.eye(num_tasks, dtype=lin.losses.dtype)
+  if chunk_size is not None and chunk_size >= num_tasks:
+    chunk_size = None
+    columns, norms = jax.vmap(column)(rows)
+  else:
+    columns, norms = lax.map(column, rows, batch_size=chunk_size)
+  # columns[t, s] = <g_s, g_t> / n_t <= n_s: in range whenever the gradients
+  # are. G / c**2 with c = max n, formed without ever squaring c.
+  largest = jnp.max(norms)
+  safe = jnp.where(largest > 0, largest, 1.0)
+  transposed = (columns / safe) * (norms / safe)[:, None]
+  matrix = 0.5 * (transposed + transposed.T)
+  top = jnp.max(jnp.diagonal(matrix))
+  positive = top > 0
+  normalized = matrix / jnp.where(positive, top, 1.0)
+  scale = jnp.where(positive, largest * jnp.sqrt(jnp.where(positive, top, 1.0)),
+                    0.0).astype(dtype)
+  return statistics.Gramian(normalized, scale)
+
+
+def _view(values, single):
+  return values[0] if single else tuple(values)
+
+
+def _mask_leaves(shared, values, single, name) -> list:
+  view = _view(values, single)
+  return [bool(m) for m in jax.tree.leaves(
+      masking.resolve_shared(shared, view, view, name))]
+
+
+def value_and_gramian(
+    loss_fn: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    shared: masking.SharedMask = None,
+    chunk_size: int | None = 1,
+) -> Callable[..., Any]:
+  """The losses and the exact Gramian of the task gradients, never stacked.
+
+  .. math::
+     G_{st} = \\langle g_s, g_t \\rangle
+       = \\big(J\\, g_t\\big)_s, \\qquad g_t = J^\\top e_t
+
+  For each task t, a VJP gives ``g_t`` and a JVP along it (zero tangent on
+  the leaves outside ``shared``) gives the column ``G[:, t]``: T VJPs and T
+  JVPs of one linearisation, holding ``chunk_size`` gradients at a time
+  instead of the stacked path's T. The result is the matrix
+  ``mtl.gramian(task_grads, mask)`` of the stacked path computes, kept in
+  range the same way (see below).
+
+  Range: the JVP runs along the unit vector ``g_t / ||g_t||``, whose norm is
+  computed as ``m ||g_t / m||`` (``m`` its largest entry), so each computed
+  entry ``<g_s, g_t> / ||g_t||`` is at most ``||g_s||``: no overflow nor
+  underflow while the gradients themselves are in range (float32 gradients
+  of 1e20 or 1e-20 give the right normalized matrix and scale, in one pass).
+  A zero task gradient gives a zero row and column, and all-zero gradients a
+  zero matrix with scale 0, never NaN. Gradients that are not finite (inf or
+  NaN out of the VJP) give a non-finite Gramian, as on the stacked path.
+  The entries are computed by ``loss_fn``'s own operations in forward mode,
+  so their precision is that of its matrix products (e.g. TF32 on GPUs by
+  default; ``jax.default_matmul_precision("highest")`` for full float32).
+
+  Args:
+    loss_fn: function returning a [T] vector of task losses, or ``(losses,
+      aux)`` with ``has_aux``. It must support forward-mode differentiation
+      (a ``jax.custom_vjp`` function without a JVP rule does not).
+    argnums: which positional argument(s) to differentiate (pytrees of arrays
+      or Flax NNX modules, as for ``value_and_jacobian``).
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    shared: optional mask of the leaves the Gramian is over (pytree of bools,
+      a prefix of the differentiated argument's structure, or a callable on
+      it); default all.
+    chunk_size: tasks whose gradients are computed together (vmapped), so
+      about that many gradients are held at once; None for all T at once.
+
+  Returns:
+    A function with ``loss_fn``'s arguments returning ``(value, gramian)``:
+    ``value`` is ``losses`` or ``(losses, aux)``, ``gramian`` a
+    :class:`~optax_mtl.Gramian`. NNX modules' non-parameter state advances
+    once.
+
+  Raises:
+    ValueError: ``losses`` is not a vector, ``argnums`` does not match the
+      call, the mask does not match the parameters, or ``chunk_size`` is not
+      a positive int.
+    TypeError: ``loss_fn`` does not support forward mode.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_mtl._src.paths.lean_gramian import value_and_gramian
+    >>> def loss_fn(w):
+    ...   return jnp.stack([3.0 * w[0], 1.5 * w[1]])
+    >>> losses, gram = value_and_gramian(loss_fn)(jnp.ones(2))
+    >>> gram.scale, gram.normalized
+    (Array(3., dtype=float32), Array([[1.  , 0.  ],
+           [0.  , 0.25]], dtype=float32))
+
+  References:
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization",
+    2024 (TorchJD and its Gramian-based "autogram" engine).
+  """
+  single, chosen = arguments.positions(argnums, _GRAMIAN_NAME)
+  chunk_size = _chunk_size(chunk_size, _GRAMIAN_NAME)
+
+  @functools.wraps(loss_fn)
+  def wrapped(*args, **kwargs):
+    call = arguments.Call(args, argnums, chosen, _GRAMIAN_NAME)
+    mask = _mask_leaves(shared, call.values, single, _GRAMIAN_NAME)
+    lin = _Linearized(call, loss_fn, kwargs, has_aux, _GRAMIAN_NAME)
+    gram = _gramian(lin, mask, chunk_size)
+    aux, new_rest = lin.aux
+    call.write_back(new_rest)
+    return ((lin.losses, aux) if has_aux else lin.losses), gram
+
+  return wrapped
+
+
+def _aggregator_mask(method):
+  if method.kind == transform.AGGREGATOR:
+    return method.parts[-1].members[-1].mask
+  return None
+
+
+def value_and_gramian_grad(
+    loss_fn: Callable[..., Any],
+    method: transform.Method,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    chunk_size: int | None = 1,
+) -> Callable[..., Any]:
+  """Like ``jax.value_and_grad`` for a Gramian method, without stacking gradients.
+
+  .. math::
+     G = J J^\\top \\ \\text{(column } t = J\\,(J^\\top e_t)\\text{)}, \\quad
+     (w, s') = \\text{method}(s, G, L), \\quad
+     \\nabla = J^\\top w = \\sum_t w_t\\, g_t
+
+  Same update and new state as the stacked path (``value_and_jacobian``,
+  then ``method.update(task_grads, state, params, losses=losses)``), for any
+  method of this library whose statistics are the Gramian or the norms
+  (``mgda``, ``pcgrad``, ``cagrad``, ``mgda("l2")``, ...), loss-based and
+  fixed weightings, and ``mtl.chain`` of task scalings and an aggregator.
+
+  Cost: one forward pass (linearised once), T VJPs and T JVPs for the Gramian
+  (about 2T backward passes' work; skipped when no member reads gradient
+  statistics), then one weighted VJP. Peak memory: the forward's residuals
+  plus about ``chunk_size`` + 2 parameter-sized buffers, instead of the
+  stacked path's T. With an aggregator's ``shared=`` mask, shared leaves
+  receive ``sum_t w_t g_t`` and heads ``sum_t h_t g_t`` (``h`` = ones, or the
+  scalings' weights): the last VJP then runs with the two cotangents ``w``
+  and ``h`` vmapped (two backward passes' work, two gradients held; one
+  per leaf is kept). That is exact whichever leaves a task reaches; without
+  a mask (or when every leaf is shared) it is a single VJP. A chain ending
+  with a task scaling is summed over tasks, as if followed by ``mtl.sum()``.
+
+  Args:
+    loss_fn: function returning a [T] vector of task losses, or ``(losses,
+      aux)`` with ``has_aux``; it must support forward mode (see
+      :func:`value_and_gramian`). Arguments at ``argnums`` may be pytrees of
+      arrays or Flax NNX modules (gradients w.r.t. their ``nnx.Param``,
+      returned as an ``nnx.State``; their other state advances once).
+    method: a method of this library (aggregator, task scaling, alias or
+      ``mtl.chain``) with no optimizer chained after it; its statistics are
+      read over its aggregator's ``shared=`` leaves. Task scalings that read
+      statistics over a mask of their own (``layer=``) are refused.
+    argnums: which positional argument(s) of ``loss_fn`` to differentiate.
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    chunk_size: tasks whose gradients are computed together for the
+      Gramian (vmapped; memory grows with it, time usually drops); None for
+      all T at once.
+
+  Returns:
+    A function ``(state, *args, method_args=None, **kwargs) -> (value, grads,
+    new_state)``: ``value`` is ``losses`` or ``(losses, aux)``, ``grads`` has
+    the structure of the differentiated argument(s) (a tuple for a sequence
+    ``argnums``), ``new_state`` is what ``method.update`` returns and
+    ``method_args`` a dict of its extra keywords (e.g. ``{"kpis": k}``).
+    ``kwargs`` go to ``loss_fn``.
+
+  Raises:
+    TypeError: ``method`` is not a method of this library (at construction),
+      or ``loss_fn`` does not support forward mode.
+    ValueError: ``losses`` is not a vector, ``chunk_size`` is invalid, or a
+      member reads statistics over a mask of its own.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_mtl as mtl
+    >>> from optax_mtl._src.paths.lean_gramian import value_and_gramian_grad
+    >>> def loss_fn(params, x):
+    ...   return jnp.stack([jnp.sum(params["w"] * x), jnp.sum(params["w"] ** 2)])
+    >>> tx = mtl.mgda()
+    >>> step = value_and_gramian_grad(loss_fn, tx)
+    >>> params = {"w": jnp.array([1.0, 0.0])}
+    >>> losses, grads, state = step(tx.init(params), params, jnp.array([0.0, 1.0]))
+    >>> [round(float(v), 4) for v in grads["w"]]  # min-norm of (0, 1), (2, 0)
+    [0.4, 0.8]
+
+  References:
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization",
+    2024 (TorchJD's "autogram"). Sener & Koltun, "Multi-Task Learning as
+    Multi-Objective Optimization", NeurIPS 2018.
+  """
+  transform._method_members(method, _NAME)  # pylint: disable=protected-access
+  single, chosen = arguments.positions(argnums, _NAME)
+  chunk_size = _chunk_size(chunk_size, _NAME)
+  members = [m for p in method.parts for m in p.members]
+  needs_gramian = any(m.weighting.statistics is not None for m in members)
+  aggregator_mask = _aggregator_mask(method)
+
+  @functools.wraps(loss_fn)
+  def wrapped(state, *args, method_args=None, **kwargs):
+    call = arguments.Call(args, argnums, chosen, _NAME + " (after the method state)")
+    mask = _mask_leaves(aggregator_mask, call.values, single,
+                        method.parts[-1].members[-1].weighting.name)
+    lin = _Linearized(call, loss_fn, kwargs, has_aux, _NAME)
+    losses = lin.losses
+    gram = _gramian(lin, mask, chunk_size) if needs_gramian else None
+    weights, new_state = transform.weights_from_statistics(
+        method, state, losses.shape[0], gram, lax.stop_gradient(losses),
+        dict(method_args or {}), _NAME)
+    if all(mask):
+      leaves = lin.vjp(weights.shared)
+    elif not any(mask):
+      leaves = lin.vjp(weights.heads)
+    else:
+      both = jax.vmap(lin.vjp)(jnp.stack([weights.shared, weights.heads]))
+      leaves = [l[0] if m else l[1] for l, m in zip(both, mask)]
+    grads = jax.tree.unflatten(jax.tree.structure(call.values), leaves)
+    aux, new_rest = lin.aux
+    call.write_back(new_rest)
+    value = (losses, aux) if has_aux else losses
+    return value, _view(grads, single), new_state
+
+  return wrapped
