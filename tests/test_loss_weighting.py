@@ -491,3 +491,41 @@ def test_inject_hyperparams():
   for _ in range(5):
     _, state = jax.jit(tx.update)(jnp.eye(2), state, None, losses=jnp.ones(2))
   assert int(state.inner_state.periods) == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda: mtl.scale_by_uncertainty(num_tasks=2, regularizer="log1p", warm_start=True),
+    lambda: mtl.scale_by_uncertainty(num_tasks=2, warm_start=True),
+    lambda: mtl.scale_by_imtl_l(num_tasks=2, warm_start=True),
+], ids=["uncertainty_log1p", "uncertainty_log", "imtl_l"])
+def test_warm_start_compiled_equals_eager(make):
+  # At the fixed point the closed-form gradient is rounding noise, which
+  # differs between eager and compiled code; Adam must not amplify it.
+  tx = make()
+  eager, compiled = tx.init(None), tx.init(None)
+  update = jax.jit(tx.update)
+  for step in range(4):
+    losses = jnp.array([1e-3, 50.0]) * (1.0 + step)
+    out_e, eager = tx.update(EYE3[:2, :2], eager, losses=losses)
+    out_c, compiled = update(EYE3[:2, :2], compiled, losses=losses)
+    np.testing.assert_allclose(out_c, out_e, rtol=1e-6)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: mtl.scale_by_uncertainty(num_tasks=2, learning_rate=-1e-2), "learning_rate must be finite and > 0"),
+    (lambda: mtl.scale_by_imtl_l(num_tasks=2, learning_rate=0.0), "learning_rate must be finite and > 0"),
+    (lambda: mtl.scale_by_famo(num_tasks=2, learning_rate=float("nan")), "learning_rate must be finite and > 0"),
+    (lambda: mtl.cagrad(c=float("inf")), "c must be finite and >= 0"),
+    (lambda: mtl.dwa(num_tasks=2, period=1.5), "period must be an integer >= 1"),
+    (lambda: mtl.mgda(max_iters=0), "max_iters must be an integer >= 1"),
+])
+def test_invalid_hyperparameters_name_the_range(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_hyperparameters_stay_traceable():
+  tx = optax.inject_hyperparams(mtl.scale_by_uncertainty, static_args=("num_tasks",))(
+      num_tasks=2, learning_rate=0.05)
+  out, _ = jax.jit(tx.update)(EYE3[:2, :2], tx.init(None), losses=jnp.array([1.0, 2.0]))
+  np.testing.assert_allclose(jnp.diagonal(out), [0.5, 0.5])

@@ -120,8 +120,7 @@ def _gramian(lin: _Linearized, mask: list, chunk_size) -> statistics.Gramian:
     return lin.jvp(unit).astype(dtype), norm
 
   rows = jnp.eye(num_tasks, dtype=lin.losses.dtype)
-  if chunk_size is not None and chunk_size >= num_tasks:
-    chunk_size = None
+  if chunk_size is None or chunk_size >= num_tasks:
     columns, norms = jax.vmap(column)(rows)
   else:
     columns, norms = lax.map(column, rows, batch_size=chunk_size)

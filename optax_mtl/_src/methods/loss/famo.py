@@ -133,10 +133,9 @@ def scale_by_famo(
     # left below the float32 resolution of the log-losses is rounding noise,
     # which Adam (it normalises by the gradient's size) would turn into
     # full-size logit steps. It is zeroed.
-    delta = delta - jnp.mean(delta)
-    resolution = 8.0 * jnp.finfo(jnp.float32).eps * (
+    delta = learned.without_rounding_noise(
+        delta - jnp.mean(delta),
         1.0 + jnp.maximum(jnp.max(jnp.abs(log_before)), jnp.max(jnp.abs(log_after))))
-    delta = jnp.where(jnp.abs(delta) <= resolution, 0.0, delta)
     logit_grads = z * delta - z * jnp.dot(z, delta) + decay * state.logits
     logits, opt_state = learned.step(opt, state.logits, logit_grads,
                                      state.optimizer_state, _LOGIT_BOUND,

@@ -92,8 +92,10 @@ def scale_by_imtl_l(
       start = jnp.clip(-jnp.log(losses), -_LOG_BOUND, _LOG_BOUND)
       s = jnp.where(state.count == 0, start, s)
     weights = jnp.exp(s)
-    new_s, opt_state = learned.step(opt, s, weights * losses - 1.0,
-                                    state.optimizer_state, _LOG_BOUND)
+    scaled = weights * losses
+    grads = learned.without_rounding_noise(scaled - 1.0, scaled + 1.0)
+    new_s, opt_state = learned.step(opt, s, grads, state.optimizer_state,
+                                    _LOG_BOUND)
     return weights, state._replace(log_scale=new_s, optimizer_state=opt_state,
                                    count=optax.safe_increment(state.count))
 

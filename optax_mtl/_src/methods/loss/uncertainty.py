@@ -140,10 +140,9 @@ def scale_by_uncertainty(
       s = jnp.where(state.count == 0, start, s)
     weights = 0.5 * jnp.exp(-s)
     data_term = -losses * weights  # d/ds of L e^{-s} / 2
-    if regularizer == "log":
-      grads = data_term + 0.5
-    else:
-      grads = data_term + jax.nn.sigmoid(s)
+    penalty_term = 0.5 if regularizer == "log" else jax.nn.sigmoid(s)
+    grads = learned.without_rounding_noise(data_term + penalty_term,
+                                           jnp.abs(data_term) + penalty_term)
     new_s, opt_state = learned.step(opt, s, grads, state.optimizer_state,
                                     _LOG_BOUND)
     return weights, state._replace(log_variance=new_s, optimizer_state=opt_state,
