@@ -53,6 +53,7 @@ from optax_mtl._src.methods.loss.initial import scale_by_prior_loss
 from optax_mtl._src.paths.one_backward import loss_weights
 from optax_mtl._src.paths.one_backward import value_and_weighted_grad
 from optax_mtl._src.paths.one_backward import weighted_loss
+from optax_mtl._src.paths.representation import value_and_representation_grad
 from optax_mtl._src.methods.loss.random import RandomWeightingState
 from optax_mtl._src.methods.loss.random import random_weighting
 from optax_mtl._src.methods.loss.random import scale_by_random
@@ -132,6 +133,7 @@ __all__ = (
     "task_scaling",
     "uncertainty_weighting",
     "value_and_jacobian",
+    "value_and_representation_grad",
     "value_and_weighted_grad",
     "weighted",
     "weighted_loss",

@@ -105,6 +105,21 @@ class Method(optax.GradientTransformationExtraArgs):
     return frozenset.intersection(*(m.weighting.claims for m in members))
 
 
+def _flatten_method(method):
+  return (method.init, method.update), (method.parts, method.single)
+
+
+def _unflatten_method(aux, children):
+  method = Method(*children)
+  method.parts, method.single = aux
+  return method
+
+
+# As a NamedTuple, a Method would be rebuilt from its two fields alone by any
+# pytree map (nnx.jit's static arguments, jax.tree.map), losing its parts.
+jax.tree_util.register_pytree_node(Method, _flatten_method, _unflatten_method)
+
+
 def _members(parts) -> list:
   return [m for p in parts for m in p.members]
 

@@ -20,7 +20,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ def pairwise_frank_wolfe(
     line_search: LineSearch,
     init: jax.Array,
     max_iters,
-    tol,
+    tol: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Minimises a convex function of weights on the simplex.
 
@@ -58,7 +58,8 @@ def pairwise_frank_wolfe(
   active vertex with the largest ``g``, moves ``w <- w + gamma (e_s - e_a)``
   with ``gamma`` in ``[0, w_a]`` from ``line_search``. The loop stops when
   the duality gap ``<w, g> - min g`` (an upper bound on the suboptimality)
-  is at most ``tol`` or after ``max_iters`` steps.
+  is at most ``tol`` or after ``max_iters`` steps. ``tol`` may depend on the
+  iterate (a gap relative to the objective's value).
 
   Args:
     gradient: ``w -> grad f(w)``, [T] -> [T].
@@ -66,7 +67,8 @@ def pairwise_frank_wolfe(
       e_a))`` over the real line (it is clipped to ``[0, w_a]`` here).
     init: [T] starting weights on the simplex.
     max_iters: largest number of steps (may be traced).
-    tol: duality gap at which to stop (may be traced).
+    tol: duality gap at which to stop (may be traced), or a function
+      ``(w, grad f(w)) -> gap`` of the iterate.
 
   Returns:
     ``(weights, gap, steps)``: the weights, the duality gap at those weights,
@@ -75,13 +77,21 @@ def pairwise_frank_wolfe(
   num = init.shape[0]
   eye = jnp.eye(num, dtype=init.dtype)
   max_iters = jnp.asarray(max_iters, jnp.int32)
-  tol = jnp.asarray(tol, init.dtype)
+  if callable(tol):
+    threshold = tol
+  else:
+    fixed = jnp.asarray(tol, init.dtype)
+    threshold = lambda weights, grad: fixed
+
+  def excess(weights, grad):
+    gap, toward, away = _gap_and_vertices(weights, grad)
+    return gap - threshold(weights, grad), toward, away
 
   def step(carry, _):
     weights, steps = carry
     grad = gradient(weights)
-    gap, toward, away = _gap_and_vertices(weights, grad)
-    active = (steps < max_iters) & (gap > tol) & (toward != away)
+    over, toward, away = excess(weights, grad)
+    active = (steps < max_iters) & (over > 0) & (toward != away)
     gamma = jnp.clip(line_search(weights, grad, toward, away), 0.0, weights[away])
     gamma = jnp.where(active & jnp.isfinite(gamma), gamma, 0.0)
     weights = weights + gamma * (eye[toward] - eye[away])
@@ -94,23 +104,24 @@ def pairwise_frank_wolfe(
     weights, steps, _, _ = carry
     (weights, new_steps), _ = lax.scan(step, (weights, steps), None,
                                        length=block, unroll=True)
-    gap, _, _ = _gap_and_vertices(weights, gradient(weights))
+    over, _, _ = excess(weights, gradient(weights))
     # A block that took no step has converged (gap <= tol or a single active
     # vertex); stop even if rounding keeps the gap just above tol.
-    return weights, new_steps, gap, new_steps > steps
+    return weights, new_steps, over, new_steps > steps
 
   def cond(carry):
-    _, steps, gap, moved = carry
-    return (steps < max_iters) & (gap > tol) & moved
+    _, steps, over, moved = carry
+    return (steps < max_iters) & (over > 0) & moved
 
   def solve(start, block):
     return lax.while_loop(cond, lambda carry: body(carry, block), start)
 
-  gap0, _, _ = _gap_and_vertices(init, gradient(init))
-  start = (init, jnp.zeros((), jnp.int32), gap0, jnp.array(True))
-  weights, steps, gap, _ = lax.platform_dependent(
+  over0, _, _ = excess(init, gradient(init))
+  start = (init, jnp.zeros((), jnp.int32), over0, jnp.array(True))
+  weights, steps, _, _ = lax.platform_dependent(
       start, cpu=lambda s: solve(s, 1), default=lambda s: solve(s, _BLOCK))
   weights = weights / jnp.sum(weights)
+  gap, _, _ = _gap_and_vertices(weights, gradient(weights))
   return weights, gap, steps
 
 
@@ -133,9 +144,10 @@ def min_norm_pair(gram: jax.Array, i, j):
   return gamma, value
 
 
-# Ridge added to the support's Hessian in the Newton polish: keeps the KKT
-# system solvable when gradients are linearly dependent (identical tasks,
-# T > rank), at a cost below the solver's tolerance.
+# Ridge added to the support's (unit-diagonal, Jacobi-scaled) Hessian in the
+# Newton polish: keeps the KKT system solvable when gradients are linearly
+# dependent (identical tasks, T > rank), at a cost below the solver's
+# tolerance.
 _RIDGE = 1e-6
 # Slack on the objective when accepting a polished point (rounding only).
 _ACCEPT_SLACK = 1e-6
@@ -173,22 +185,28 @@ def newton_polish(
   def one(weights):
     support = weights > 0
     both = support[:, None] & support[None, :]
-    hess = jnp.where(both, hessian(weights) + _RIDGE * eye, eye)
-    grad = jnp.where(support, gradient(weights), 0.0)
-    ones = support.astype(weights.dtype)
-    # The step on the face minimises grad.d + d.H.d / 2 subject to
-    # sum(d) = 0: d = -H^-1 (grad + mu 1) with mu making the sum vanish.
-    # Adding rho 1 1^T changes nothing on that subspace and makes H positive
-    # definite even where the objective is flat along w (CAGrad's norm term),
-    # so a Cholesky factor serves both solves; it compiles far faster than a
-    # general solve of the KKT system.
-    rho = jnp.sum(jnp.where(support, jnp.diag(hess), 0.0)) / jnp.sum(ones)
-    hess = hess + jnp.maximum(rho, 1.0) * jnp.outer(ones, ones)
+    raw = hessian(weights)
+    # Jacobi scaling d = S e, S = diag(H)^(-1/2) on the support: tasks whose
+    # gradients differ by orders of magnitude give curvatures 1e8 apart, which
+    # a float32 factorisation of H itself would not resolve.
+    diag = jnp.where(support, jnp.diag(raw), 1.0)
+    inv_sqrt = jnp.where(diag > 0, jax.lax.rsqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
+    scaled = raw * inv_sqrt[:, None] * inv_sqrt[None, :]
+    hess = jnp.where(both, scaled + _RIDGE * eye, eye)
+    grad = jnp.where(support, gradient(weights) * inv_sqrt, 0.0)
+    ones = jnp.where(support, inv_sqrt, 0.0)  # S 1: the constraint sum(d) = 0
+    # The step on the face minimises grad.e + e.H.e / 2 subject to
+    # ones.e = 0: e = -H^-1 (grad + mu ones) with mu making the sum vanish.
+    # Adding ones ones^T / |ones|^2 changes nothing on that subspace and
+    # makes H positive definite even where the objective is flat along w
+    # (CAGrad's norm term), so a Cholesky factor serves both solves; it
+    # compiles far faster than a general solve of the KKT system.
+    hess = hess + jnp.outer(ones, ones) / jnp.dot(ones, ones)
     factor = jsp_linalg.cho_factor(hess)
     solved = jsp_linalg.cho_solve(factor, jnp.stack([grad, ones], axis=1))
     h_grad, h_ones = solved[:, 0], solved[:, 1]
     mu = -jnp.dot(ones, h_grad) / jnp.dot(ones, h_ones)
-    delta = -(h_grad + mu * h_ones)
+    delta = -(h_grad + mu * h_ones) * inv_sqrt
     candidate = weights + jnp.where(support, delta, 0.0)
     # Rounding may leave -1e-9 where the face's optimum has a zero weight.
     feasible = jnp.all(jnp.isfinite(candidate)) & jnp.all(candidate > -1e-6)
@@ -196,7 +214,9 @@ def newton_polish(
     total = jnp.sum(candidate)
     candidate = candidate / jnp.where(total > 0, total, 1.0)
     old, new = objective(weights), objective(candidate)
-    better = new <= old + _ACCEPT_SLACK * jnp.abs(old) + 1e-9
+    # The slack is relative: a min-norm value of 1e-12 must not accept a
+    # polished point 1e-9 worse.
+    better = new <= old + _ACCEPT_SLACK * jnp.abs(old)
     return jnp.where(feasible & (total > 0) & better, candidate, weights)
 
   for _ in range(steps):
