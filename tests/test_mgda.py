@@ -111,3 +111,30 @@ def test_inject_hyperparams_and_errors():
     mtl.mgda(tol=-1.0)
   with pytest.raises(TypeError, match="needs the per-task losses"):
     mtl.mgda("loss").update(grads, None)
+
+
+from hypothesis import given, settings, strategies as st
+
+_MGDA = mtl.mgda()
+_MGDA_UPDATE = jax.jit(lambda g: _MGDA.update(g, _MGDA.init(None))[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_tasks=st.integers(2, 5), seed=st.integers(0, 2**31 - 1),
+       colinear=st.booleans())
+def test_min_norm_update_conflicts_with_no_task(num_tasks, seed, colinear):
+  # Random Jacobians, task scales from 1e-2 to 1e2, sometimes two nearly
+  # colinear tasks: <u, g_t> >= 0 up to the float32 resolution of the
+  # Gramian, which grows with the ratio of the largest norm to g_t's.
+  rng = np.random.default_rng(seed)
+  jac = rng.normal(size=(num_tasks, 12)) * 10.0 ** rng.uniform(-2, 2, (num_tasks, 1))
+  if colinear:
+    jac[1] = jac[0] * 10.0 ** rng.uniform(-2, 2) + 1e-3 * rng.normal(size=12)
+  update = np.asarray(_MGDA_UPDATE(jnp.asarray(jac, jnp.float32)), np.float64)
+  norms = np.linalg.norm(jac, axis=1)
+  size = np.linalg.norm(update)
+  if size <= 1e-5 * norms.max():
+    return  # Pareto-stationary within precision: nothing to conflict with
+  cosines = jac @ update / (norms * size)
+  tolerance = 32 * np.finfo(np.float32).eps * norms.max() / norms + 1e-5
+  assert np.all(cosines >= -tolerance), (cosines, norms)
