@@ -3,7 +3,8 @@
 For each (T, d) the per-task gradients are a pytree of four float32 leaves
 holding d parameters in total. Every method is jitted and timed per call
 (warm-up, then the median of several calls, each ending in
-``block_until_ready``); in the same run, the sum over the task axis gives the
+``block_until_ready``; the rows of a case are timed in turn, round after
+round, so that load drifting on a shared machine hits them alike); in the same run, the sum over the task axis gives the
 time of one read of all gradients, the bandwidth floor of one pass. The T x T
 solves alone (weights from a given Gramian, T = 10) are timed too.
 
@@ -125,23 +126,42 @@ def check_chains_agree(updates):
                   f"{jax.tree_util.keystr(path)}")
 
 
+def time_interleaved(calls, repeats):
+  """Median time of each call, the calls timed in turn in every round.
+
+  On a shared machine the load drifts over seconds; timing the rows of one
+  case in alternation exposes each to the same drift, so their ratios hold.
+  """
+  for fn, args in calls.values():
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (fn, args) in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_case(num_tasks, dim, repeats):
   grads = make_grads(num_tasks, dim)
   params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
   losses = jnp.linspace(1.0, 2.0, num_tasks)
   chain_rows = {row for pair in CHAIN_PAIRS for row in pair[2:]}
-  rows, updates = {}, {}
+  calls, updates = {}, {}
   for name, tx in methods(num_tasks).items():
     state = tx.init(params)
     # The new state is returned too: a method whose update applies the
     # previous step's weights (GradNorm) would otherwise have its Gramian
     # removed as dead code.
     update = jax.jit(lambda g, s, p, l, tx=tx: tx.update(g, s, p, losses=l))
-    rows[name] = time_call(update, grads, state, params, losses, repeats=repeats)
+    calls[name] = (update, (grads, state, params, losses))
     if name in chain_rows:
       updates[name] = jax.device_get(update(grads, state, params, losses)[0])
-  del grads
   check_chains_agree(updates)
+  rows = time_interleaved(calls, repeats)
+  del grads, calls
   return rows
 
 

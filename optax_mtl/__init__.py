@@ -50,6 +50,8 @@ from optax_mtl._src.methods.loss.initial import initial_loss_weighting
 from optax_mtl._src.methods.loss.initial import prior_loss_weighting
 from optax_mtl._src.methods.loss.initial import scale_by_initial_loss
 from optax_mtl._src.methods.loss.initial import scale_by_prior_loss
+from optax_mtl._src.paths.lean_gramian import value_and_gramian
+from optax_mtl._src.paths.lean_gramian import value_and_gramian_grad
 from optax_mtl._src.paths.one_backward import loss_weights
 from optax_mtl._src.paths.one_backward import value_and_weighted_grad
 from optax_mtl._src.paths.one_backward import weighted_loss
@@ -132,6 +134,8 @@ __all__ = (
     "sum",
     "task_scaling",
     "uncertainty_weighting",
+    "value_and_gramian",
+    "value_and_gramian_grad",
     "value_and_jacobian",
     "value_and_representation_grad",
     "value_and_weighted_grad",

@@ -191,3 +191,17 @@ def test_one_backward_timings_compare_with_summed_loss(tmp_path):
   assert "stacked" in rows["realtime"]["ms"] and "stacked" not in rows["dwa"]["ms"]
   for row in rows.values():
     assert all(math.isfinite(v) and v > 0 for v in row["ratio_to_LS"].values())
+
+
+def test_lean_gramian_benchmark_reports_time_and_memory(tmp_path):
+  import lean_gramian
+  out = tmp_path / "lean"
+  lean_gramian.main(["--quick", "--out", str(out)])
+  saved = json.loads(out.with_suffix(".json").read_text())
+  for row in saved["results"]:
+    assert set(row["ms"]) == {"LS", "stacked", "lean"}
+    assert row["time_ratio_to_LS"]["LS"] == 1.0
+    # Memory is deterministic (the compiled program's analysis): the lean
+    # path holds no T gradient copies.
+    peak = {k: v["peak"] for k, v in row["memory_bytes"].items()}
+    assert peak["lean"] < peak["stacked"]

@@ -388,7 +388,7 @@ class Weights(NamedTuple):
   heads: jax.Array
 
 
-def _method_members(tx, name):
+def method_members(tx, name) -> list:
   if not isinstance(tx, Method):
     raise TypeError(
         f"{name}: the method must be one of optax_mtl's (an aggregator such "
@@ -400,22 +400,24 @@ def _method_members(tx, name):
 
 
 def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
-                            gram: statistics.Gramian | None, losses: Any,
+                            gram: Any, losses: Any,
                             kwargs: dict, name: str) -> tuple[Weights, Any]:
   """Runs ``tx``'s rules on statistics a gradient path computed itself.
 
   The stacked path computes the statistics from the per-task gradients; a
   path that never holds them (one backward pass, the representation path,
   the memory-lean Gramian) passes the Gramian it has, or None, and combines
-  the gradients itself with the returned weights. Every member that reads
-  statistics reads this one Gramian, so members with a mask of their own
-  (``layer=``) are refused.
+  the gradients itself with the returned weights. Given one Gramian, every
+  member that reads statistics reads it, so task scalings with a mask of
+  their own (``layer=``) are refused; a path that computes each member's
+  Gramian over its own leaves passes one per member.
 
   Args:
     tx: a method of this library.
     state: its state.
     num_tasks: T.
-    gram: the Gramian the members read, or None when the path has none.
+    gram: the Gramian the members read, None when the path has none, or a
+      sequence with one Gramian (or None) per member of ``tx``.
     losses: the losses (validated here), or None.
     kwargs: the other keyword arguments of ``update``.
     name: the path's public name, for messages.
@@ -428,19 +430,21 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
     ValueError: a member reads statistics the path does not give, or has a
       mask of its own.
   """
-  members = _method_members(tx, name)
-  for m in members:
+  members = method_members(tx, name)
+  per_member = isinstance(gram, (list, tuple)) and not isinstance(gram, statistics.Gramian)
+  grams = list(gram) if per_member else [gram] * len(members)
+  for m, member_gram in zip(members, grams):
     kind = m.weighting.statistics
     if kind is None:
       continue
-    if gram is None:
+    if member_gram is None:
       raise ValueError(
           f"{name}: {m.weighting.name} reads the {kind} of the per-task "
           f"gradients, which one backward pass does not give. Use the "
           f"stacked path: losses, task_grads = mtl.value_and_jacobian("
           f"loss_fn)(params, ...), then tx.update(task_grads, state, params, "
           f"losses=losses); or a path that computes the Gramian.")
-    if m.kind == SCALING and m.mask is not None:
+    if not per_member and m.kind == SCALING and m.mask is not None:
       raise ValueError(
           f"{name}: {m.weighting.name} reads its statistics over its own "
           f"leaves (layer= or shared=); on this path every member reads the "
@@ -449,8 +453,8 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
   _check_tasks(members, num_tasks)
   losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
   stats = [None if m.weighting.statistics is None else
-           (gram if m.weighting.statistics == "gramian" else None, gram.norms())
-           for m in members]
+           (g if m.weighting.statistics == "gramian" else None, g.norms())
+           for m, g in zip(members, grams)]
   states = _split_states(tx.parts, state, tx.single)
   scales, final, states, weights = _run(members, states, num_tasks, stats,
                                         losses, kpis, extra)
@@ -474,7 +478,7 @@ def weights_from_losses(tx: Method, state: Any, losses: jax.Array, kwargs: dict,
     TypeError: ``tx`` is not a method of this library.
     ValueError: ``tx`` reads gradient statistics or has a ``shared=`` mask.
   """
-  for m in _method_members(tx, name):
+  for m in method_members(tx, name):
     if m.kind == AGGREGATOR and m.mask is not None:
       raise ValueError(
           f"{name}: {m.weighting.name} was built with shared=; one backward "

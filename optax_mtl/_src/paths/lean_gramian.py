@@ -5,14 +5,14 @@ The Gramian methods (MGDA, PCGrad, CAGrad, ...) read only the T x T Gramian
 stacked path (``value_and_jacobian``) holds the T gradients at once, T times
 the parameters' memory. This path never does: for each task t, a VJP with
 cotangent ``e_t`` gives ``g_t`` (one parameter-sized buffer), and a JVP of the
-loss vector along ``g_t`` (restricted to the shared leaves) gives the column
-``J g_t = G[:, t]``. The method's weights then come from ``G`` alone and one
-weighted VJP gives the update. The linearisation is built once (one forward
-pass, its residuals kept as a VJP's are); every VJP and JVP reuses it.
+loss vector along ``g_t`` (restricted to the leaves the statistics are read
+over) gives the column ``J g_t = G[:, t]``. The method's weights then come
+from ``G`` alone and one weighted VJP gives the update. The loss function is
+linearised once (one forward pass, its residuals kept as a VJP keeps them);
+every VJP and JVP reuses that linearisation.
 
-Like TorchJD's "autogram", the Gramian is exact (same matrix as the stacked
-path, up to float rounding); unlike the stacked path, the gradients are
-never stacked.
+Like TorchJD's "autogram", the Gramian is exact (the stacked path's matrix, up
+to float rounding) and the gradients are never stacked.
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ def _chunk_size(chunk_size, name):
 
 
 def _forward_mode_hint(error: Exception, name: str) -> Exception:
+  first_line = str(error).split("\n")[0]
   return TypeError(
       f"{name} differentiates loss_fn in forward mode (JVPs along the task "
       f"gradients) as well as in reverse mode, and loss_fn does not support "
-      f"it ({error}). A jax.custom_vjp function needs a JVP rule "
-      f"(jax.custom_jvp) for this path; or use the stacked path: losses, "
-      f"task_grads = mtl.value_and_jacobian(loss_fn)(...), then tx.update.")
+      f"forward mode ({first_line}). A jax.custom_vjp function needs a JVP "
+      f"rule (define it with jax.custom_jvp) for this path; or use the "
+      f"stacked path: losses, task_grads = mtl.value_and_jacobian(loss_fn)"
+      f"(...), then tx.update(task_grads, state, params, losses=losses).")
 
 
 class _Linearized:
@@ -63,14 +65,10 @@ class _Linearized:
 
   def __init__(self, call: arguments.Call, loss_fn, kwargs, has_aux, name):
     values = call.values
+    self._name = name
     self.leaves, self._treedef = jax.tree.flatten(values)
-    try:
-      self.losses, self._jvp, self.aux = jax.linearize(
-          call.pure(loss_fn, kwargs, has_aux, name), values, has_aux=True)
-    except TypeError as error:
-      if "forward-mode" in str(error) or "jvp" in str(error):
-        raise _forward_mode_hint(error, name) from error
-      raise
+    self.losses, self._jvp, self.aux = jax.linearize(
+        call.pure(loss_fn, kwargs, has_aux, name), values, has_aux=True)
     self._vjp = jax.linear_transpose(self._jvp, values)
 
   def vjp(self, cotangent: jax.Array) -> list:
@@ -80,13 +78,18 @@ class _Linearized:
 
   def jvp(self, tangent_leaves: list) -> jax.Array:
     """``J v``, [T], for a tangent given as a list of leaves."""
-    return self._jvp(jax.tree.unflatten(self._treedef, tangent_leaves))
+    try:
+      return self._jvp(jax.tree.unflatten(self._treedef, tangent_leaves))
+    except TypeError as error:
+      if "forward-mode" in str(error):
+        raise _forward_mode_hint(error, self._name) from None
+      raise
 
 
 def _unit(leaves, mask, dtype):
   """``(g / ||g||, ||g||)`` over the masked leaves, without overflow or NaN.
 
-  The norm is ``m * ||g / m||`` with ``m`` the largest magnitude, so it is in
+  The norm is ``m ||g / m||`` with ``m`` the largest magnitude, so it is in
   range whenever the entries are; a zero gradient has norm 0 and a zero unit
   vector. Unmasked leaves get a zero tangent.
   """
@@ -105,27 +108,14 @@ def _unit(leaves, mask, dtype):
   return unit, norm
 
 
-def _gramian(lin: _Linearized, mask: list, chunk_size) -> statistics.Gramian:
-  """The exact Gramian over the masked leaves, one task (or chunk) at a time."""
-  num_tasks = lin.losses.shape[0]
-  dtype = statistics.accumulation_dtype(
-      [l for l, m in zip(lin.leaves, mask) if m])
-  if not any(m and l.size for l, m in zip(lin.leaves, mask)):
-    return statistics.Gramian(jnp.zeros((num_tasks, num_tasks), dtype),
-                              jnp.zeros((), dtype))
+def _finish(columns, norms, dtype) -> statistics.Gramian:
+  """The Gramian from ``columns[t, s] = <g_s, g_t> / n_t`` and ``norms[t] = n_t``.
 
-  def column(row):
-    # g_t = J^T e_t, then u_t = J (g_t / ||g_t||) = G[:, t] / ||g_t||.
-    unit, norm = _unit(lin.vjp(row), mask, dtype)
-    return lin.jvp(unit).astype(dtype), norm
-
-  rows = jnp.eye(num_tasks, dtype=lin.losses.dtype)
-  if chunk_size is None or chunk_size >= num_tasks:
-    columns, norms = jax.vmap(column)(rows)
-  else:
-    columns, norms = lax.map(column, rows, batch_size=chunk_size)
-  # columns[t, s] = <g_s, g_t> / n_t <= n_s: in range whenever the gradients
-  # are. G / c**2 with c = max n, formed without ever squaring c.
+  ``|columns[t, s]| <= n_s``: in range whenever the gradients are. The matrix
+  is ``G / c**2`` with ``c = max_t n_t``, formed without ever squaring ``c``,
+  then divided by its largest diagonal entry (1 up to rounding) so that entry
+  is exactly 1, as in :func:`~optax_mtl.gramian`.
+  """
   largest = jnp.max(norms)
   safe = jnp.where(largest > 0, largest, 1.0)
   transposed = (columns / safe) * (norms / safe)[:, None]
@@ -134,18 +124,55 @@ def _gramian(lin: _Linearized, mask: list, chunk_size) -> statistics.Gramian:
   positive = top > 0
   normalized = matrix / jnp.where(positive, top, 1.0)
   scale = jnp.where(positive, largest * jnp.sqrt(jnp.where(positive, top, 1.0)),
-                    0.0).astype(dtype)
-  return statistics.Gramian(normalized, scale)
+                    0.0)
+  return statistics.Gramian(normalized.astype(dtype), scale.astype(dtype))
+
+
+def _gramians(lin: _Linearized, sets: Sequence[tuple],
+              chunk_size) -> list[statistics.Gramian]:
+  """The exact Gramian over each set of leaves, one task (or chunk) at a time.
+
+  Per task: one VJP gives ``g_t``; per set S, one JVP along ``g_t^S / n_t^S``
+  (``g_t`` restricted to S, zero elsewhere) gives ``G_S[:, t] / n_t^S``. The
+  JVPs of several sets run vmapped.
+  """
+  num_tasks = lin.losses.shape[0]
+  dtype = statistics.accumulation_dtype(lin.leaves)
+  empty = statistics.Gramian(jnp.zeros((num_tasks, num_tasks), dtype),
+                             jnp.zeros((), dtype))
+  live = [s for s in sets if any(m and l.size for l, m in zip(lin.leaves, s))]
+  if not live:
+    return [empty for _ in sets]
+
+  def column(row):
+    leaves = lin.vjp(row)
+    pairs = [_unit(leaves, mask, dtype) for mask in live]
+    if len(live) == 1:
+      ((unit, norm),) = pairs
+      return lin.jvp(unit).astype(dtype)[None], norm[None]
+    units = [jnp.stack(ls) for ls in zip(*(u for u, _ in pairs))]
+    columns = jax.vmap(lin.jvp)(units).astype(dtype)
+    return columns, jnp.stack([n for _, n in pairs])
+
+  rows = jnp.eye(num_tasks, dtype=lin.losses.dtype)
+  if chunk_size is None or chunk_size >= num_tasks:
+    columns, norms = jax.vmap(column)(rows)
+  else:
+    columns, norms = lax.map(column, rows, batch_size=chunk_size)
+  # columns: [T, sets, T], norms: [T, sets].
+  by_set = {s: _finish(columns[:, i], norms[:, i], dtype)
+            for i, s in enumerate(live)}
+  return [by_set.get(s, empty) for s in sets]
 
 
 def _view(values, single):
   return values[0] if single else tuple(values)
 
 
-def _mask_leaves(shared, values, single, name) -> list:
+def _mask_leaves(shared, values, single, name) -> tuple:
   view = _view(values, single)
-  return [bool(m) for m in jax.tree.leaves(
-      masking.resolve_shared(shared, view, view, name))]
+  return tuple(bool(m) for m in jax.tree.leaves(
+      masking.resolve_shared(shared, view, view, name)))
 
 
 def value_and_gramian(
@@ -165,21 +192,22 @@ def value_and_gramian(
   For each task t, a VJP gives ``g_t`` and a JVP along it (zero tangent on
   the leaves outside ``shared``) gives the column ``G[:, t]``: T VJPs and T
   JVPs of one linearisation, holding ``chunk_size`` gradients at a time
-  instead of the stacked path's T. The result is the matrix
-  ``mtl.gramian(task_grads, mask)`` of the stacked path computes, kept in
-  range the same way (see below).
+  instead of the stacked path's T. The result is the matrix that
+  ``mtl.gramian(task_grads, mask)`` gives on the stacked path, kept in range
+  the same way (see below).
 
   Range: the JVP runs along the unit vector ``g_t / ||g_t||``, whose norm is
   computed as ``m ||g_t / m||`` (``m`` its largest entry), so each computed
-  entry ``<g_s, g_t> / ||g_t||`` is at most ``||g_s||``: no overflow nor
+  entry ``<g_s, g_t> / ||g_t||`` is at most ``||g_s||``: no overflow or
   underflow while the gradients themselves are in range (float32 gradients
-  of 1e20 or 1e-20 give the right normalized matrix and scale, in one pass).
-  A zero task gradient gives a zero row and column, and all-zero gradients a
-  zero matrix with scale 0, never NaN. Gradients that are not finite (inf or
-  NaN out of the VJP) give a non-finite Gramian, as on the stacked path.
-  The entries are computed by ``loss_fn``'s own operations in forward mode,
-  so their precision is that of its matrix products (e.g. TF32 on GPUs by
-  default; ``jax.default_matmul_precision("highest")`` for full float32).
+  of 1e20 or 1e-20 give the right normalized matrix and scale, in one pass,
+  where ``G`` itself would overflow or underflow). A zero task gradient
+  gives a zero row and column, and all-zero gradients a zero matrix with
+  scale 0, never NaN. Gradients that are not finite (inf or NaN out of the
+  VJP) give a non-finite Gramian, as on the stacked path. The entries are
+  computed by ``loss_fn``'s own operations in forward mode, so their
+  precision is that of its matrix products (TF32 on recent GPUs by default;
+  ``jax.default_matmul_precision("highest")`` for full float32).
 
   Args:
     loss_fn: function returning a [T] vector of task losses, or ``(losses,
@@ -207,11 +235,10 @@ def value_and_gramian(
     TypeError: ``loss_fn`` does not support forward mode.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from optax_mtl._src.paths.lean_gramian import value_and_gramian
+    >>> import jax.numpy as jnp, optax_mtl as mtl
     >>> def loss_fn(w):
     ...   return jnp.stack([3.0 * w[0], 1.5 * w[1]])
-    >>> losses, gram = value_and_gramian(loss_fn)(jnp.ones(2))
+    >>> losses, gram = mtl.value_and_gramian(loss_fn)(jnp.ones(2))
     >>> gram.scale, gram.normalized
     (Array(3., dtype=float32), Array([[1.  , 0.  ],
            [0.  , 0.25]], dtype=float32))
@@ -228,7 +255,7 @@ def value_and_gramian(
     call = arguments.Call(args, argnums, chosen, _GRAMIAN_NAME)
     mask = _mask_leaves(shared, call.values, single, _GRAMIAN_NAME)
     lin = _Linearized(call, loss_fn, kwargs, has_aux, _GRAMIAN_NAME)
-    gram = _gramian(lin, mask, chunk_size)
+    (gram,) = _gramians(lin, [mask], chunk_size)
     aux, new_rest = lin.aux
     call.write_back(new_rest)
     return ((lin.losses, aux) if has_aux else lin.losses), gram
@@ -236,10 +263,18 @@ def value_and_gramian(
   return wrapped
 
 
-def _aggregator_mask(method):
-  if method.kind == transform.AGGREGATOR:
-    return method.parts[-1].members[-1].mask
-  return None
+def _weights(method, state, lin, values, single, chunk_size, losses, kwargs):
+  """The method's weights and new state, from the Gramians its members read."""
+  members = transform.method_members(method, _NAME)
+  num_tasks = losses.shape[0]
+  masks = [None if m.weighting.statistics is None else
+           _mask_leaves(m.mask, values, single, m.weighting.name) for m in members]
+  sets = list(dict.fromkeys(mask for mask in masks if mask is not None))
+  grams = dict(zip(sets, _gramians(lin, sets, chunk_size))) if sets else {}
+  # Each member reads the Gramian of its own leaves, as on the stacked path.
+  per_member = [None if mask is None else grams[mask] for mask in masks]
+  return transform.weights_from_statistics(method, state, num_tasks, per_member,
+                                           losses, kwargs, _NAME)
 
 
 def value_and_gramian_grad(
@@ -260,36 +295,41 @@ def value_and_gramian_grad(
   Same update and new state as the stacked path (``value_and_jacobian``,
   then ``method.update(task_grads, state, params, losses=losses)``), for any
   method of this library whose statistics are the Gramian or the norms
-  (``mgda``, ``pcgrad``, ``cagrad``, ``mgda("l2")``, ...), loss-based and
-  fixed weightings, and ``mtl.chain`` of task scalings and an aggregator.
+  (``mgda``, ``pcgrad``, ``cagrad``, ``mgda("l2")``, ``normalize_gradients``,
+  GradNorm...), loss-based and fixed weightings, and ``mtl.chain`` of task
+  scalings and an aggregator. The Gramian is computed by
+  :func:`value_and_gramian` (see there for its range and precision).
 
   Cost: one forward pass (linearised once), T VJPs and T JVPs for the Gramian
   (about 2T backward passes' work; skipped when no member reads gradient
   statistics), then one weighted VJP. Peak memory: the forward's residuals
-  plus about ``chunk_size`` + 2 parameter-sized buffers, instead of the
-  stacked path's T. With an aggregator's ``shared=`` mask, shared leaves
-  receive ``sum_t w_t g_t`` and heads ``sum_t h_t g_t`` (``h`` = ones, or the
-  scalings' weights): the last VJP then runs with the two cotangents ``w``
-  and ``h`` vmapped (two backward passes' work, two gradients held; one
-  per leaf is kept). That is exact whichever leaves a task reaches; without
-  a mask (or when every leaf is shared) it is a single VJP. A chain ending
-  with a task scaling is summed over tasks, as if followed by ``mtl.sum()``.
+  plus a few parameter-sized buffers (``g_t``, its unit vector, the update;
+  ``chunk_size`` times the first two), instead of the stacked path's T.
+  With an aggregator's ``shared=`` mask, shared leaves receive ``sum_t w_t
+  g_t`` and heads ``sum_t h_t g_t`` (``h`` = ones, or the scalings'
+  weights): the last VJP then runs with the two cotangents ``w`` and ``h``
+  vmapped (two backward passes' work, two gradients held, one kept per
+  leaf). That is exact whichever leaves each task reaches; without a mask
+  (or when every leaf is shared) it is a single VJP. A chain ending with a
+  task scaling is summed over tasks, as if followed by ``mtl.sum()``.
 
   Args:
     loss_fn: function returning a [T] vector of task losses, or ``(losses,
-      aux)`` with ``has_aux``; it must support forward mode (see
-      :func:`value_and_gramian`). Arguments at ``argnums`` may be pytrees of
-      arrays or Flax NNX modules (gradients w.r.t. their ``nnx.Param``,
-      returned as an ``nnx.State``; their other state advances once).
+      aux)`` with ``has_aux``; it must support forward mode (a
+      ``jax.custom_vjp`` function needs a JVP rule). Arguments at
+      ``argnums`` may be pytrees of arrays or Flax NNX modules (gradients
+      w.r.t. their ``nnx.Param``, returned as an ``nnx.State``; their other
+      state advances once).
     method: a method of this library (aggregator, task scaling, alias or
-      ``mtl.chain``) with no optimizer chained after it; its statistics are
-      read over its aggregator's ``shared=`` leaves. Task scalings that read
-      statistics over a mask of their own (``layer=``) are refused.
+      ``mtl.chain``) with no optimizer chained after it. Each member reads
+      its statistics over its own leaves, as on the stacked path: the
+      aggregator over its ``shared=`` leaves, a task scaling over every leaf
+      or its own mask (``layer=``, ``shared=``); each distinct set of leaves
+      costs one more JVP per task (vmapped with the others).
     argnums: which positional argument(s) of ``loss_fn`` to differentiate.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
-    chunk_size: tasks whose gradients are computed together for the
-      Gramian (vmapped; memory grows with it, time usually drops); None for
-      all T at once.
+    chunk_size: tasks whose gradients are computed together for the Gramian
+      (vmapped: memory grows with it); None for all T at once.
 
   Returns:
     A function ``(state, *args, method_args=None, **kwargs) -> (value, grads,
@@ -303,15 +343,14 @@ def value_and_gramian_grad(
     TypeError: ``method`` is not a method of this library (at construction),
       or ``loss_fn`` does not support forward mode.
     ValueError: ``losses`` is not a vector, ``chunk_size`` is invalid, or a
-      member reads statistics over a mask of its own.
+      ``shared=`` mask does not match the parameters.
 
   Example:
     >>> import jax.numpy as jnp, optax_mtl as mtl
-    >>> from optax_mtl._src.paths.lean_gramian import value_and_gramian_grad
     >>> def loss_fn(params, x):
     ...   return jnp.stack([jnp.sum(params["w"] * x), jnp.sum(params["w"] ** 2)])
     >>> tx = mtl.mgda()
-    >>> step = value_and_gramian_grad(loss_fn, tx)
+    >>> step = mtl.value_and_gramian_grad(loss_fn, tx)
     >>> params = {"w": jnp.array([1.0, 0.0])}
     >>> losses, grads, state = step(tx.init(params), params, jnp.array([0.0, 1.0]))
     >>> [round(float(v), 4) for v in grads["w"]]  # min-norm of (0, 1), (2, 0)
@@ -322,24 +361,21 @@ def value_and_gramian_grad(
     2024 (TorchJD's "autogram"). Sener & Koltun, "Multi-Task Learning as
     Multi-Objective Optimization", NeurIPS 2018.
   """
-  transform._method_members(method, _NAME)  # pylint: disable=protected-access
+  transform.method_members(method, _NAME)
   single, chosen = arguments.positions(argnums, _NAME)
   chunk_size = _chunk_size(chunk_size, _NAME)
-  members = [m for p in method.parts for m in p.members]
-  needs_gramian = any(m.weighting.statistics is not None for m in members)
-  aggregator_mask = _aggregator_mask(method)
+  last = transform.method_members(method, _NAME)[-1]
+  combine_mask = last.mask if last.kind == transform.AGGREGATOR else None
 
   @functools.wraps(loss_fn)
   def wrapped(state, *args, method_args=None, **kwargs):
     call = arguments.Call(args, argnums, chosen, _NAME + " (after the method state)")
-    mask = _mask_leaves(aggregator_mask, call.values, single,
-                        method.parts[-1].members[-1].weighting.name)
+    mask = _mask_leaves(combine_mask, call.values, single, last.weighting.name)
     lin = _Linearized(call, loss_fn, kwargs, has_aux, _NAME)
     losses = lin.losses
-    gram = _gramian(lin, mask, chunk_size) if needs_gramian else None
-    weights, new_state = transform.weights_from_statistics(
-        method, state, losses.shape[0], gram, lax.stop_gradient(losses),
-        dict(method_args or {}), _NAME)
+    weights, new_state = _weights(method, state, lin, call.values, single,
+                                  chunk_size, lax.stop_gradient(losses),
+                                  dict(method_args or {}))
     if all(mask):
       leaves = lin.vjp(weights.shared)
     elif not any(mask):

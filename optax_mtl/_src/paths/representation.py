@@ -26,25 +26,14 @@ _NAME = "mtl.value_and_representation_grad"
 _CALL = "step(method_state, encoder, heads, x, *head_args, method_args=None)"
 
 
-def _members(method):
-  return [m for part in method.parts for m in part.members]
-
-
 def _check_method(method) -> str | None:
   """Refuses what this path cannot run; returns the statistics it must compute.
 
   Returns:
     ``"gramian"``, ``"norms"`` or None: the most any member reads.
   """
-  if not isinstance(method, transform.Method):
-    raise TypeError(
-        f"{_NAME}: the method must be one of optax_mtl's (an aggregator such "
-        f"as mtl.mgda(), a task scaling, an alias such as mtl.dwa(...), or an "
-        f"mtl.chain of them), with no optimizer chained after it; got "
-        f"{type(method).__name__}. Apply the optimizer to the gradients the "
-        f"step returns.")
   kinds = set()
-  for member in _members(method):
+  for member in transform.method_members(method, _NAME):
     if member.kind == transform.AGGREGATOR and member.mask is not None:
       raise ValueError(
           f"{_NAME}: {member.weighting.name} was built with shared=. On the "
