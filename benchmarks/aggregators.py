@@ -161,8 +161,17 @@ def bench_case(num_tasks, dim, repeats):
       updates[name] = jax.device_get(update(grads, state, params, losses)[0])
   check_chains_agree(updates)
   rows = time_interleaved(calls, repeats)
+  # What the compiled programs read and write, in units of the gradients'
+  # size (XLA's cost analysis): deterministic, unlike the timings.
+  gradient_bytes = sum(g.size * g.dtype.itemsize for g in jax.tree.leaves(grads))
+  reads = {}
+  for name in {row for pair in CHAIN_PAIRS for row in pair[1:]}:
+    fn, args = calls[name]
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    reads[name] = float(cost.get("bytes accessed", float("nan"))) / gradient_bytes
   del grads, calls
-  return rows
+  return rows, reads
 
 
 def bench_solves(num_tasks=10, repeats=50):
@@ -187,7 +196,7 @@ def main(argv=None):
   device = jax.devices()[0]
   kind = device.platform
   cases = QUICK_CASES if args.quick else FULL_CASES
-  repeats = 3 if args.quick else 5
+  repeats = 3 if args.quick else 11
   note = (f"device: {device.device_kind} ({kind}), {os.cpu_count()} CPU cores"
           + ("; no GPU: these are CPU figures, not the GPU targets" if kind == "cpu" else ""))
   print(note, flush=True)
@@ -195,7 +204,7 @@ def main(argv=None):
   results = {"device": device.device_kind, "platform": kind, "quick": args.quick,
              "note": note, "cases": [], "solves_T10_ms": {}}
   for num_tasks, dim in cases:
-    rows = bench_case(num_tasks, dim, repeats)
+    rows, reads = bench_case(num_tasks, dim, repeats)
     floor = rows["sum (one read)"]
     entry = {"T": num_tasks, "d": dim,
              "ms": {k: 1e3 * v for k, v in rows.items()},
@@ -203,7 +212,8 @@ def main(argv=None):
              "chain_ratio_to_aggregator": {
                  pair: {"aggregator": alone, "mtl.chain": rows[fused] / rows[alone],
                         "optax.chain": rows[chained] / rows[alone]}
-                 for pair, alone, fused, chained in CHAIN_PAIRS}}
+                 for pair, alone, fused, chained in CHAIN_PAIRS},
+             "bytes_accessed_per_gradient_bytes": reads}
     results["cases"].append(entry)
     print(f"T={num_tasks} d={dim}: " + ", ".join(
         f"{k} {1e3 * v:.2f} ms ({v / floor:.2f}x)" for k, v in rows.items()), flush=True)
@@ -232,16 +242,22 @@ def main(argv=None):
             "Time of a task scaling chained with an aggregator over the time of the "
             "aggregator alone, in the same run: `mtl.chain` fuses them (one "
             "statistics pass, one combination pass); `optax.chain` runs a pass per "
-            "member plus a scaled copy. Both give the same update (checked).", "",
+            "member plus a scaled copy. Both give the same update (checked). "
+            "Reads: bytes the compiled program accesses over the gradients' size "
+            "(XLA's cost analysis; both branches of the rare rescue cond included), "
+            "aggregator alone / mtl.chain / optax.chain.", "",
             "| T | d | scaling + aggregator | aggregator alone ms | mtl.chain ms (ratio) "
-            "| optax.chain ms (ratio) |", "|---|---|---|---|---|---|"]
+            "| optax.chain ms (ratio) | reads |", "|---|---|---|---|---|---|---|"]
   for entry in results["cases"]:
     for pair, alone, fused, chained in CHAIN_PAIRS:
       r = entry["chain_ratio_to_aggregator"][pair]
       lines.append(
           f"| {entry['T']} | {entry['d']:,} | {pair} | {entry['ms'][alone]:.2f} "
           f"| {entry['ms'][fused]:.2f} ({r['mtl.chain']:.2f}x) "
-          f"| {entry['ms'][chained]:.2f} ({r['optax.chain']:.2f}x) |")
+          f"| {entry['ms'][chained]:.2f} ({r['optax.chain']:.2f}x) "
+          f"| {entry['bytes_accessed_per_gradient_bytes'][alone]:.2f} / "
+          f"{entry['bytes_accessed_per_gradient_bytes'][fused]:.2f} / "
+          f"{entry['bytes_accessed_per_gradient_bytes'][chained]:.2f} |")
   lines += ["", "T x T solve alone (weights from a given Gramian), T = 10:", "",
             "| solve | ms |", "|---|---|"]
   lines += [f"| {k} | {v:.3f} |" for k, v in results["solves_T10_ms"].items()]

@@ -158,3 +158,22 @@ def write_text(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     f.write(text if text.endswith("\n") else text + "\n")
+
+
+def mlp_model(key, in_dim, hidden, depth, tasks):
+  """An MLP trunk (ReLU) with one linear head per task, as a pytree."""
+  keys = jax.random.split(key, depth + 1)
+  dims = [in_dim] + [hidden] * depth
+  trunk = [{"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
+           for k, a, b in zip(keys[:-1], dims[:-1], dims[1:])]
+  heads = jax.random.normal(keys[-1], (hidden, tasks)) / jnp.sqrt(hidden)
+  return {"trunk": trunk, "heads": heads}
+
+
+def mlp_task_losses(params, x, y, scales):
+  """[T] squared errors of :func:`mlp_model`'s heads, task t scaled by scales[t]."""
+  h = x
+  for layer in params["trunk"]:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"][None, :])
+  pred = h @ params["heads"]
+  return scales * jnp.mean((pred - y) ** 2, axis=0)

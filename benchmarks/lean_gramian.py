@@ -37,39 +37,17 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
-# A script: make ``import optax_mtl`` work from the repository root.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
+import common  # noqa: E402  (makes ``import optax_mtl`` work from a checkout)
 import optax_mtl as mtl  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 NAMES = ("LS", "stacked", "lean")
-
-
-def make_model(key, in_dim, hidden, depth, tasks):
-  keys = jax.random.split(key, depth + 1)
-  dims = [in_dim] + [hidden] * depth
-  trunk = [{"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
-           for k, a, b in zip(keys[:-1], dims[:-1], dims[1:])]
-  heads = jax.random.normal(keys[-1], (hidden, tasks)) / jnp.sqrt(hidden)
-  return {"trunk": trunk, "heads": heads}
-
-
-def task_losses(params, x, y, scales):
-  h = x
-  for layer in params["trunk"]:
-    h = jax.nn.relu(h @ layer["w"] + layer["b"][None, :])
-  pred = h @ params["heads"]
-  return scales * jnp.mean((pred - y) ** 2, axis=0)
 
 
 def build_steps(num_tasks, opt, chunk_size):
@@ -79,7 +57,7 @@ def build_steps(num_tasks, opt, chunk_size):
   def ls_step(params, states, x, y, scales):
     w_state, o_state = states
     loss, grads = jax.value_and_grad(
-        lambda p: jnp.sum(task_losses(p, x, y, scales)))(params)
+        lambda p: jnp.sum(common.mlp_task_losses(p, x, y, scales)))(params)
     updates, o_state = opt.update(grads, o_state, params)
     return optax.apply_updates(params, updates), (w_state, o_state), loss
 
@@ -87,13 +65,13 @@ def build_steps(num_tasks, opt, chunk_size):
 
   def stacked_step(params, states, x, y, scales):
     w_state, o_state = states
-    losses, task_grads = mtl.value_and_jacobian(task_losses)(params, x, y, scales)
+    losses, task_grads = mtl.value_and_jacobian(common.mlp_task_losses)(params, x, y, scales)
     grads, w_state = stacked_tx.update(task_grads, w_state, params, losses=losses)
     updates, o_state = opt.update(grads, o_state, params)
     return optax.apply_updates(params, updates), (w_state, o_state), losses.sum()
 
   lean_tx = mtl.mgda(num_tasks=num_tasks, shared=shared)
-  lean = mtl.value_and_gramian_grad(task_losses, lean_tx, chunk_size=chunk_size)
+  lean = mtl.value_and_gramian_grad(common.mlp_task_losses, lean_tx, chunk_size=chunk_size)
 
   def lean_step(params, states, x, y, scales):
     w_state, o_state = states
@@ -133,7 +111,7 @@ class Data(list):
 
 
 def run_tasks(args, num_tasks, key):
-  params0 = make_model(key, args.in_dim, args.hidden, args.depth, num_tasks)
+  params0 = common.mlp_model(key, args.in_dim, args.hidden, args.depth, num_tasks)
   num_params = sum(x.size for x in jax.tree.leaves(params0))
   data = Data()
   for i in range(4):

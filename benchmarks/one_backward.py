@@ -33,26 +33,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import common  # makes ``import optax_mtl`` work from a checkout
 import optax_mtl as mtl
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def make_model(key, in_dim, hidden, depth, tasks):
-  keys = jax.random.split(key, depth + 1)
-  dims = [in_dim] + [hidden] * depth
-  trunk = [{"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
-           for k, a, b in zip(keys[:-1], dims[:-1], dims[1:])]
-  heads = jax.random.normal(keys[-1], (hidden, tasks)) / jnp.sqrt(hidden)
-  return {"trunk": trunk, "heads": heads}
-
-
-def task_losses(params, x, y, scales):
-  h = x
-  for layer in params["trunk"]:
-    h = jax.nn.relu(h @ layer["w"] + layer["b"][None, :])
-  pred = h @ params["heads"]
-  return scales * jnp.mean((pred - y) ** 2, axis=0)
 
 
 def build_steps(weighting_factory, num_tasks, opt):
@@ -61,11 +45,11 @@ def build_steps(weighting_factory, num_tasks, opt):
   def ls_step(params, states, x, y, scales):
     w_state, o_state = states
     loss, grads = jax.value_and_grad(
-        lambda p: jnp.sum(task_losses(p, x, y, scales)))(params)
+        lambda p: jnp.sum(common.mlp_task_losses(p, x, y, scales)))(params)
     updates, o_state = opt.update(grads, o_state, params)
     return optax.apply_updates(params, updates), (w_state, o_state), loss
 
-  one = mtl.value_and_weighted_grad(task_losses, weighting_factory())
+  one = mtl.value_and_weighted_grad(common.mlp_task_losses, weighting_factory())
 
   def one_step(params, states, x, y, scales):
     w_state, o_state = states
@@ -77,7 +61,7 @@ def build_steps(weighting_factory, num_tasks, opt):
 
   def stacked_step(params, states, x, y, scales):
     w_state, o_state = states
-    losses, task_grads = mtl.value_and_jacobian(task_losses)(params, x, y, scales)
+    losses, task_grads = mtl.value_and_jacobian(common.mlp_task_losses)(params, x, y, scales)
     grads, w_state = stacked_tx.update(task_grads, w_state, params, losses=losses)
     updates, o_state = opt.update(grads, o_state, params)
     return optax.apply_updates(params, updates), (w_state, o_state), losses.sum()
@@ -140,7 +124,7 @@ def main(argv=None):
   print(f"backend={backend} ({note}); jax {jax.__version__}")
 
   key = jax.random.key(0)
-  params0 = make_model(key, args.in_dim, args.hidden, args.depth, args.tasks)
+  params0 = common.mlp_model(key, args.in_dim, args.hidden, args.depth, args.tasks)
   num_params = sum(x.size for x in jax.tree.leaves(params0))
   data = Data()
   for i in range(4):
