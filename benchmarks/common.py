@@ -177,3 +177,23 @@ def mlp_task_losses(params, x, y, scales):
     h = jax.nn.relu(h @ layer["w"] + layer["b"][None, :])
   pred = h @ params["heads"]
   return scales * jnp.mean((pred - y) ** 2, axis=0)
+
+
+class Data(list):
+  """Batches ``(x, y)`` of an MLP benchmark, with the tasks' loss scales."""
+  scales: jax.Array
+
+
+def time_variant(step, carry, data: Data, iters: int):
+  """Seconds per call of a train step ``(params, states, x, y, scales)``.
+
+  Returns the time per step and the carry after ``iters`` steps, so that a
+  donated carry is never reused.
+  """
+  params, states = carry
+  start = time.perf_counter()
+  for i in range(iters):
+    x, y = data[i % len(data)]
+    params, states, loss = step(params, states, x, y, data.scales)
+  jax.block_until_ready((params, states, loss))
+  return (time.perf_counter() - start) / iters, (params, states)

@@ -96,24 +96,10 @@ def memory(compiled) -> dict | None:
   return out
 
 
-def time_variant(step, carry, data, iters):
-  params, states = carry
-  start = time.perf_counter()
-  for i in range(iters):
-    x, y = data[i % len(data)]
-    params, states, loss = step(params, states, x, y, data.scales)
-  jax.block_until_ready((params, states, loss))
-  return (time.perf_counter() - start) / iters, (params, states)
-
-
-class Data(list):
-  scales: jax.Array
-
-
 def run_tasks(args, num_tasks, key):
   params0 = common.mlp_model(key, args.in_dim, args.hidden, args.depth, num_tasks)
   num_params = sum(x.size for x in jax.tree.leaves(params0))
-  data = Data()
+  data = common.Data()
   for i in range(4):
     kx, ky = jax.random.split(jax.random.fold_in(key, i + 1))
     data.append((jax.random.normal(kx, (args.batch, args.in_dim)),
@@ -132,12 +118,12 @@ def run_tasks(args, num_tasks, key):
         *carry, x, y, data.scales).compile()
     compile_s[name] = time.perf_counter() - start
     mem[name] = memory(compiled[name])
-    _, carries[name] = time_variant(compiled[name], carry, data, 1)  # warm up
+    _, carries[name] = common.time_variant(compiled[name], carry, data, 1)  # warm up
   samples = {name: [] for name in steps}
   for r in range(args.repeats):
     order = list(steps) if r % 2 == 0 else list(reversed(steps))
     for name in order:
-      seconds, carries[name] = time_variant(compiled[name], carries[name], data,
+      seconds, carries[name] = common.time_variant(compiled[name], carries[name], data,
                                             args.iters)
       samples[name].append(seconds)
   median = {name: statistics.median(v) for name, v in samples.items()}

@@ -74,20 +74,6 @@ def build_steps(weighting_factory, num_tasks, opt):
   }
 
 
-def time_variant(step, carry, data, iters):
-  params, states = carry
-  start = time.perf_counter()
-  for i in range(iters):
-    x, y = data[i % len(data)]
-    params, states, loss = step(params, states, x, y, data.scales)
-  jax.block_until_ready((params, states, loss))
-  return (time.perf_counter() - start) / iters, (params, states)
-
-
-class Data(list):
-  scales: jax.Array
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tasks", type=int, default=8)
@@ -126,7 +112,7 @@ def main(argv=None):
   key = jax.random.key(0)
   params0 = common.mlp_model(key, args.in_dim, args.hidden, args.depth, args.tasks)
   num_params = sum(x.size for x in jax.tree.leaves(params0))
-  data = Data()
+  data = common.Data()
   for i in range(4):
     kx, ky = jax.random.split(jax.random.fold_in(key, i + 1))
     data.append((jax.random.normal(kx, (args.batch, args.in_dim)),
@@ -147,7 +133,7 @@ def main(argv=None):
       # Fresh buffers: a state may hold one array twice, and steps donate.
       carry = jax.tree.map(jnp.copy, (params, (init(params), opt.init(params))))
       start = time.perf_counter()
-      _, carry = time_variant(step, carry, data, 2)  # compile + warm up
+      _, carry = common.time_variant(step, carry, data, 2)  # compile + warm up
       compile_s[name] = time.perf_counter() - start
       carries[name] = carry
     samples = {name: [] for name in steps}
@@ -155,7 +141,7 @@ def main(argv=None):
       order = list(steps) if r % 2 == 0 else list(reversed(steps))
       for name in order:
         iters = args.stacked_iters if name == "stacked" else args.iters
-        seconds, carries[name] = time_variant(steps[name][0], carries[name], data,
+        seconds, carries[name] = common.time_variant(steps[name][0], carries[name], data,
                                               iters)
         samples[name].append(seconds)
     median = {name: statistics.median(v) for name, v in samples.items()}
