@@ -399,6 +399,12 @@ def method_members(tx, name) -> list:
   return _members(tx.parts)
 
 
+def _as_statistics(value) -> statistics.Statistics | None:
+  if value is None or isinstance(value, statistics.Statistics):
+    return value
+  return statistics.Statistics(value, value.norms())
+
+
 def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
                             gram: Any, losses: Any,
                             kwargs: dict, name: str) -> tuple[Weights, Any]:
@@ -416,8 +422,9 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
     tx: a method of this library.
     state: its state.
     num_tasks: T.
-    gram: the Gramian the members read, None when the path has none, or a
-      sequence with one Gramian (or None) per member of ``tx``.
+    gram: what the members read: a :class:`Gramian`, the engine's
+      ``Statistics`` (a Gramian or only the norms), None when the path has
+      none, or a list with one of these per member of ``tx``.
     losses: the losses (validated here), or None.
     kwargs: the other keyword arguments of ``update``.
     name: the path's public name, for messages.
@@ -431,13 +438,13 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
       mask of its own.
   """
   members = method_members(tx, name)
-  per_member = isinstance(gram, (list, tuple)) and not isinstance(gram, statistics.Gramian)
-  grams = list(gram) if per_member else [gram] * len(members)
+  per_member = isinstance(gram, list)
+  grams = [_as_statistics(g) for g in (gram if per_member else [gram] * len(members))]
   for m, member_gram in zip(members, grams):
     kind = m.weighting.statistics
     if kind is None:
       continue
-    if member_gram is None:
+    if member_gram is None or (kind == "gramian" and member_gram.gramian is None):
       raise ValueError(
           f"{name}: {m.weighting.name} reads the {kind} of the per-task "
           f"gradients, which one backward pass does not give. Use the "
@@ -453,7 +460,7 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
   _check_tasks(members, num_tasks)
   losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
   stats = [None if m.weighting.statistics is None else
-           (g if m.weighting.statistics == "gramian" else None, g.norms())
+           (g.gramian if m.weighting.statistics == "gramian" else None, g.norms)
            for m, g in zip(members, grams)]
   states = _split_states(tx.parts, state, tx.single)
   scales, final, states, weights = _run(members, states, num_tasks, stats,

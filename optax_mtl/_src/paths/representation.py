@@ -73,17 +73,6 @@ def _check_features(features):
           f"the heads through *head_args instead.")
 
 
-def _norms_only(norms: jax.Array) -> statistics.Gramian:
-  """A Gramian whose ``norms()`` are ``norms``, for members reading only those.
-
-  Its off-diagonal entries are not the gradients' inner products; it is only
-  built when no member reads the Gramian itself.
-  """
-  scale = jnp.max(norms)
-  unit = norms / jnp.where(scale > 0, scale, 1.0)
-  return statistics.Gramian(jnp.diag(unit * unit), scale)
-
-
 class _Encoder:
   """One forward pass of the encoder, its parameters split out when a module."""
 
@@ -229,9 +218,8 @@ def value_and_representation_grad(
       ((_, feature_grads),) = jax.vmap(heads_vjp)(
           jnp.eye(num_tasks, dtype=losses.dtype))
       mask = tuple(True for _ in jax.tree.leaves(feature_grads))
-      (stats,) = statistics.task_statistics(
+      (gram,) = statistics.task_statistics(
           feature_grads, [statistics.Request(mask, reads == "gramian")])
-      gram = stats.gramian if reads == "gramian" else _norms_only(stats.norms)
     weights, new_state = transform.weights_from_statistics(
         method, method_state, num_tasks, gram, losses, dict(method_args or {}),
         _NAME)
