@@ -6,7 +6,8 @@ holding d parameters in total. Every method is jitted and timed per call
 ``block_until_ready``; the rows of a case are timed in turn, round after
 round, so that load drifting on a shared machine hits them alike); in the same run, the sum over the task axis gives the
 time of one read of all gradients, the bandwidth floor of one pass. The T x T
-solves alone (weights from a given Gramian, T = 10) are timed too.
+solves alone (each method's rule on a given Gramian, T = 10) are timed too,
+and the engine's Gramian pass against numpy's ``J @ J.T`` on the same matrix.
 
 Task scalings chained with an aggregator are timed both ways, with the same
 members: ``mtl.chain(scaling, aggregator)`` (one statistics pass and one
@@ -42,9 +43,6 @@ import numpy as np
 import optax
 
 import optax_mtl as mtl
-from optax_mtl._src.methods.gradient import cagrad as cagrad_lib
-from optax_mtl._src.solvers import min_norm as mgda_lib
-from optax_mtl._src.methods.gradient import pcgrad as pcgrad_lib
 
 FULL_CASES = [(2, 10_000_000), (10, 10_000_000), (40, 2_500_000), (10, 50_000_000)]
 QUICK_CASES = [(3, 100_000), (10, 50_000)]
@@ -59,6 +57,20 @@ def methods(num_tasks):
       "mgda l2": mtl.mgda("l2"),
       "pcgrad": mtl.pcgrad(),
       "cagrad": mtl.cagrad(),
+      "upgrad": mtl.upgrad(),
+      "dualproj": mtl.dualproj(),
+      "imtl_g": mtl.imtl_g(),
+      "aligned_mtl": mtl.aligned_mtl(),
+      "config": mtl.config(),
+      "nash_mtl": mtl.nash_mtl(num_tasks=num_tasks),
+      "fairgrad": mtl.fairgrad(),
+      "gradvac": mtl.gradvac(num_tasks=num_tasks),
+      # Krum needs T >= 2 f + 3 (absent at T = 2); f = 1 where T allows.
+      **({"krum": mtl.krum(min(1, (num_tasks - 3) // 2))} if num_tasks >= 3 else {}),
+      "trimmed_mean": mtl.trimmed_mean(min(1, (num_tasks - 1) // 2)),
+      "pcd": mtl.pcd(num_tasks=num_tasks),
+      "cr_mogm(mgda)": mtl.cr_mogm(mtl.mgda(), num_tasks=num_tasks),
+      "auxiliary": mtl.auxiliary(),
       "gradnorm (scale + sum)": mtl.gradnorm(num_tasks=num_tasks),
       "normalize_gradients + sum": _chain_sum(mtl.normalize_gradients()),
       "normalize + mgda (mtl.chain)": mtl.chain(mtl.normalize_gradients(), mtl.mgda()),
@@ -174,18 +186,53 @@ def bench_case(num_tasks, dim, repeats):
   return rows, reads
 
 
+def _solve(tx, num_tasks):
+  """The method's rule alone: [T] weights from a given normalised Gramian."""
+  member = tx.parts[-1].members[-1]
+  weighting = member.weighting
+  state = weighting.initial_state()
+  losses = jnp.linspace(1.0, 2.0, num_tasks)
+
+  def weights(matrix):
+    gram = mtl.Gramian(matrix, jnp.ones((), jnp.float32))
+    inputs = mtl.TaskInputs(num_tasks, gram, gram.norms(), losses, None, {})
+    return weighting.apply(inputs, state)[0]
+  return jax.jit(weights)
+
+
 def bench_solves(num_tasks=10, repeats=50):
+  """Each Gramian method's T x T solve alone, at T = 10."""
   rng = np.random.default_rng(0)
   g = rng.normal(size=(num_tasks, 64)) + 0.5 * rng.normal(size=64)
   gram = g @ g.T
   gram = jnp.asarray(gram / gram.diagonal().max(), jnp.float32)
-  orders = jnp.asarray(np.stack([rng.permutation(num_tasks) for _ in range(num_tasks)]))
-  solves = {
-      "mgda": jax.jit(lambda m: mgda_lib.min_norm_weights(m)),
-      "cagrad": jax.jit(lambda m: cagrad_lib.dual_weights(m, 0.4)),
-      "pcgrad": jax.jit(lambda m: pcgrad_lib.projection_coefficients(m, orders).sum(0)),
-  }
-  return {name: time_call(fn, gram, repeats=repeats) for name, fn in solves.items()}
+  solves = {}
+  for name, tx in methods(num_tasks).items():
+    if not isinstance(tx, mtl.Method) or len(tx.parts) != 1 or len(tx.parts[0].members) != 1:
+      continue  # chains and aliases: their members are timed on their own
+    if "gramian" not in tx.reads:
+      continue
+    solves[name] = time_call(_solve(tx, num_tasks), gram, repeats=repeats)
+  return solves
+
+
+def bench_gramian_pass(num_tasks=10, dim=2_000_000, repeats=11):
+  """The engine's Gramian of a [T, d] pytree against numpy's ``J @ J.T``.
+
+  numpy multiplies one contiguous [T, d] matrix (the leaves concatenated
+  beforehand, not timed) with its BLAS; the engine reads the pytree.
+  """
+  grads = make_grads(num_tasks, dim)
+  dense = np.concatenate([np.asarray(l).reshape(num_tasks, -1)
+                          for l in jax.tree.leaves(grads)], axis=1)
+  engine = jax.jit(lambda g: mtl.gramian(g).normalized)
+  times = time_interleaved({
+      "engine": (engine, (grads,)),
+      "numpy": (lambda d: d @ d.T, (dense,)),
+  }, repeats)
+  return {"T": num_tasks, "d": dim, "engine_ms": 1e3 * times["engine"],
+          "numpy_ms": 1e3 * times["numpy"],
+          "ratio": times["engine"] / times["numpy"]}
 
 
 def main(argv=None):
@@ -220,6 +267,12 @@ def main(argv=None):
     print("  chain / aggregator alone: " + "; ".join(
         f"{pair}: mtl.chain {r['mtl.chain']:.2f}x, optax.chain {r['optax.chain']:.2f}x"
         for pair, r in entry["chain_ratio_to_aggregator"].items()), flush=True)
+  gram_pass = bench_gramian_pass(dim=50_000 if args.quick else 2_000_000,
+                                 repeats=repeats)
+  results["gramian_pass"] = gram_pass
+  print(f"Gramian pass, T={gram_pass['T']} d={gram_pass['d']}: engine "
+        f"{gram_pass['engine_ms']:.2f} ms, numpy J @ J.T {gram_pass['numpy_ms']:.2f} "
+        f"ms ({gram_pass['ratio']:.2f}x)", flush=True)
   solves = bench_solves(repeats=10 if args.quick else 50)
   results["solves_T10_ms"] = {k: 1e3 * v for k, v in solves.items()}
   print("T x T solve alone, T=10: " + ", ".join(
@@ -229,15 +282,17 @@ def main(argv=None):
   out.mkdir(parents=True, exist_ok=True)
   stem = f"aggregators_{kind}" + ("_quick" if args.quick else "")
   (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-  names = list(results["cases"][0]["ms"])
+  names = list(dict.fromkeys(n for e in results["cases"] for n in e["ms"]))
   lines = [f"# Aggregator time per call ({note})", "",
            "Milliseconds per jitted call (median), and the ratio to one read of "
            "all gradients (the sum over tasks) in the same run.", "",
-           "| T | d | " + " | ".join(names) + " |",
-           "|---|---|" + "---|" * len(names)]
-  for entry in results["cases"]:
-    cells = [f"{entry['ms'][n]:.2f} ({entry['ratio_to_one_read'][n]:.2f}x)" for n in names]
-    lines.append(f"| {entry['T']} | {entry['d']:,} | " + " | ".join(cells) + " |")
+           "| method | " + " | ".join(f"T = {e['T']}, d = {e['d']:,}"
+                                    for e in results["cases"]) + " |",
+           "|---|" + "---|" * len(results["cases"])]
+  for n in names:
+    cells = [f"{e['ms'][n]:.2f} ({e['ratio_to_one_read'][n]:.2f}x)"
+             if n in e["ms"] else "-" for e in results["cases"]]
+    lines.append(f"| {n} | " + " | ".join(cells) + " |")
   lines += ["", "## Chain overhead", "",
             "Time of a task scaling chained with an aggregator over the time of the "
             "aggregator alone, in the same run: `mtl.chain` fuses them (one "
@@ -258,6 +313,10 @@ def main(argv=None):
           f"| {entry['bytes_accessed_per_gradient_bytes'][alone]:.2f} / "
           f"{entry['bytes_accessed_per_gradient_bytes'][fused]:.2f} / "
           f"{entry['bytes_accessed_per_gradient_bytes'][chained]:.2f} |")
+  gp = results["gramian_pass"]
+  lines += ["", f"Gramian pass alone, T = {gp['T']}, d = {gp['d']:,}: the engine "
+            f"{gp['engine_ms']:.2f} ms, numpy's `J @ J.T` on the same matrix "
+            f"{gp['numpy_ms']:.2f} ms ({gp['ratio']:.2f}x)."]
   lines += ["", "T x T solve alone (weights from a given Gramian), T = 10:", "",
             "| solve | ms |", "|---|---|"]
   lines += [f"| {k} | {v:.3f} |" for k, v in results["solves_T10_ms"].items()]

@@ -71,6 +71,20 @@ METHODS: tuple[Method, ...] = (
     Method("mgda-l2", lambda T: mtl.mgda(normalization="l2")),
     Method("pcgrad", lambda T: mtl.pcgrad(seed=0)),
     Method("cagrad", lambda T: mtl.cagrad(c=0.4)),
+    Method("upgrad", lambda T: mtl.upgrad()),
+    Method("dualproj", lambda T: mtl.dualproj()),
+    Method("imtl-g", lambda T: mtl.imtl_g()),
+    Method("aligned-mtl", lambda T: mtl.aligned_mtl()),
+    Method("config", lambda T: mtl.config()),
+    Method("nash-mtl", lambda T: mtl.nash_mtl(num_tasks=T)),
+    Method("fairgrad", lambda T: mtl.fairgrad()),
+    Method("gradvac", lambda T: mtl.gradvac(num_tasks=T)),
+    Method("krum", lambda T: mtl.krum(0, num_tasks=T)),
+    Method("trimmed mean", lambda T: mtl.trimmed_mean((T - 1) // 2)),
+    Method("pcd", lambda T: mtl.pcd(num_tasks=T)),
+    Method("cr-mogm", lambda T: mtl.cr_mogm(mtl.mgda(), num_tasks=T)),
+    Method("auxiliary", lambda T: mtl.auxiliary()),
+    Method("log-mgda", lambda T: mtl.on_log_losses(mtl.mgda())),
 )
 
 

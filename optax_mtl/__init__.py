@@ -14,15 +14,34 @@ from optax_mtl._src.methods.fixed import sum_ as sum  # pylint: disable=redefine
 from optax_mtl._src.methods.fixed import weighted
 from optax_mtl._src.engine.combine import combine
 from optax_mtl._src.engine.combine import scale_tasks
+from optax_mtl._src.methods.gradient.aligned_mtl import aligned_mtl
+from optax_mtl._src.methods.gradient.auxiliary import auxiliary
 from optax_mtl._src.methods.gradient.cagrad import cagrad
+from optax_mtl._src.methods.gradient.config import config
+from optax_mtl._src.methods.gradient.fairgrad import FairGradState
+from optax_mtl._src.methods.gradient.fairgrad import fairgrad
+from optax_mtl._src.methods.gradient.cr_mogm import CRMOGMState
+from optax_mtl._src.methods.gradient.cr_mogm import cr_mogm
 from optax_mtl._src.methods.gradient.gradnorm import GradNormState
 from optax_mtl._src.methods.gradient.gradnorm import gradnorm
 from optax_mtl._src.methods.gradient.gradnorm import scale_by_gradnorm
+from optax_mtl._src.methods.gradient.gradvac import GradVacState
+from optax_mtl._src.methods.gradient.gradvac import gradvac
+from optax_mtl._src.methods.gradient.imtl_g import imtl_g
+from optax_mtl._src.methods.gradient.krum import krum
 from optax_mtl._src.methods.gradient.mgda import mgda
+from optax_mtl._src.methods.gradient.nash_mtl import NashMTLState
+from optax_mtl._src.methods.gradient.nash_mtl import nash_mtl
 from optax_mtl._src.methods.gradient.normalize import NormalizeGradientsState
 from optax_mtl._src.methods.gradient.normalize import normalize_gradients
+from optax_mtl._src.methods.gradient.pcd import PCDState
+from optax_mtl._src.methods.gradient.pcd import pcd
 from optax_mtl._src.methods.gradient.pcgrad import PCGradState
 from optax_mtl._src.methods.gradient.pcgrad import pcgrad
+from optax_mtl._src.methods.gradient.trimmed_mean import trimmed_mean
+from optax_mtl._src.methods.gradient.upgrad import DualConeState
+from optax_mtl._src.methods.gradient.upgrad import dualproj
+from optax_mtl._src.methods.gradient.upgrad import upgrad
 from optax_mtl._src.engine.statistics import Gramian
 from optax_mtl._src.engine.statistics import gramian
 from optax_mtl._src.paths.jacobian import value_and_jacobian
@@ -59,6 +78,7 @@ from optax_mtl._src.paths.representation import value_and_representation_grad
 from optax_mtl._src.methods.loss.random import RandomWeightingState
 from optax_mtl._src.methods.loss.random import random_weighting
 from optax_mtl._src.methods.loss.random import scale_by_random
+from optax_mtl._src.methods.loss.realtime import on_log_losses
 from optax_mtl._src.methods.loss.realtime import realtime_loss_weighting
 from optax_mtl._src.methods.loss.realtime import scale_by_realtime_loss
 from optax_mtl._src.methods.loss.uncertainty import UncertaintyState
@@ -77,15 +97,21 @@ from optax_mtl._src.core.weighting import initial_weights
 __version__ = "0.1.0"
 
 __all__ = (
+    "CRMOGMState",
     "DTPState",
+    "DualConeState",
     "DWAState",
     "FAMOState",
+    "FairGradState",
     "GradNormState",
+    "GradVacState",
     "Gramian",
     "IMTLLState",
     "Method",
     "InitialLossState",
+    "NashMTLState",
     "NormalizeGradientsState",
+    "PCDState",
     "PCGradState",
     "PriorLossState",
     "RandomWeightingState",
@@ -94,27 +120,39 @@ __all__ = (
     "Weighting",
     "WeightsState",
     "aggregator",
+    "aligned_mtl",
     "applied_weights",
+    "auxiliary",
     "cagrad",
     "chain",
     "combine",
+    "config",
+    "cr_mogm",
     "cross_entropy_initial_loss",
     "cross_entropy_prior_loss",
     "dtp",
+    "dualproj",
     "dwa",
+    "fairgrad",
     "famo",
     "geometric_loss_weighting",
     "gradnorm",
+    "gradvac",
     "gramian",
+    "imtl_g",
     "imtl_l",
     "initial_weights",
     "initial_loss_weighting",
+    "krum",
     "l2_initial_loss",
     "l2_prior_loss",
     "loss_weights",
     "mean",
     "mgda",
+    "nash_mtl",
     "normalize_gradients",
+    "on_log_losses",
+    "pcd",
     "pcgrad",
     "prior_loss_weighting",
     "random_weighting",
@@ -133,7 +171,9 @@ __all__ = (
     "scale_tasks",
     "sum",
     "task_scaling",
+    "trimmed_mean",
     "uncertainty_weighting",
+    "upgrad",
     "value_and_gramian",
     "value_and_gramian_grad",
     "value_and_jacobian",

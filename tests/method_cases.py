@@ -19,6 +19,7 @@ import optax_mtl as mtl
 class Case(NamedTuple):
   name: str
   make: Callable[..., mtl.Method]  # (T, **factory keyword arguments)
+  min_tasks: int = 1  # fewer tasks are refused by the method (Krum: 2f + 3)
 
   @property
   def kind(self) -> str:
@@ -31,6 +32,12 @@ class Case(NamedTuple):
   @property
   def claims(self) -> frozenset:
     return self.make(3).claims
+
+  @property
+  def weighted_sum(self) -> bool:
+    """False for coordinate-wise aggregators (their update is no sum_t w_t g_t)."""
+    return all(m.weighting.per_coordinate is None
+               for p in self.make(3).parts for m in p.members)
 
 
 CASES = [
@@ -50,7 +57,20 @@ CASES = [
     Case("mgda", lambda T, **kw: mtl.mgda(num_tasks=T, **kw)),
     Case("mgda_l2", lambda T, **kw: mtl.mgda("l2", num_tasks=T, **kw)),
     Case("pcgrad", lambda T, **kw: mtl.pcgrad(seed=1, num_tasks=T, **kw)),
+    Case("upgrad", lambda T, **kw: mtl.upgrad(num_tasks=T, **kw)),
+    Case("dualproj", lambda T, **kw: mtl.dualproj(num_tasks=T, **kw)),
+    Case("pcd", lambda T, **kw: mtl.pcd(num_tasks=T, **kw)),
+    Case("trimmed_mean", lambda T, **kw: mtl.trimmed_mean((T - 1) // 2 if T else 1, num_tasks=T, **kw)),
     Case("cagrad", lambda T, **kw: mtl.cagrad(c=0.4, num_tasks=T, **kw)),
+    Case("nash_mtl", lambda T, **kw: mtl.nash_mtl(num_tasks=T, **kw)),
+    Case("fairgrad", lambda T, **kw: mtl.fairgrad(num_tasks=T, **kw)),
+    Case("imtl_g", lambda T, **kw: mtl.imtl_g(num_tasks=T, **kw)),
+    Case("aligned_mtl", lambda T, **kw: mtl.aligned_mtl(num_tasks=T, **kw)),
+    Case("config", lambda T, **kw: mtl.config(num_tasks=T, **kw)),
+    Case("gradvac", lambda T, **kw: mtl.gradvac(beta=0.5, seed=1, num_tasks=T, **kw)),
+    Case("krum", lambda T, **kw: mtl.krum(0, num_tasks=T, **kw), min_tasks=3),
+    Case("cr_mogm", lambda T, **kw: mtl.cr_mogm(mtl.mgda(), alpha=0.5, num_tasks=T, **kw)),
+    Case("auxiliary", lambda T, **kw: mtl.auxiliary(num_main=1, num_tasks=T, **kw)),
     Case("scale_by_gradnorm", lambda T, **kw: mtl.scale_by_gradnorm(num_tasks=T, **kw)),
     Case("normalize_gradients", lambda T, **kw: mtl.normalize_gradients(0.5, num_tasks=T, **kw)),
     Case("uncertainty_weighting", lambda T, **kw: mtl.uncertainty_weighting(

@@ -152,3 +152,33 @@ def test_gramian_and_combine_on_random_trees(num_tasks, shapes, log_scale, seed)
   out = mtl.combine(w, tree)
   np.testing.assert_allclose(flat({k: v[None] for k, v in out.items()})[0] / scale,
                              np.asarray(w, np.float64) @ dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,scale,rtol", [(jnp.float32, 1.0, 1e-5),
+                                              (jnp.bfloat16, 1.0, 1e-5),
+                                              (jnp.float32, 1e20, 1e-5)])
+def test_large_leaves_take_the_blocked_cpu_gramian(dtype, scale, rtol):
+  # 3 x 70,001 entries: above the blocked path's threshold, with a remainder
+  # after the 4,096-column blocks; the rescue pass (1e20) goes through it too.
+  keys = jax.random.split(jax.random.key(5), 2)
+  tree = {"big": (scale * jax.random.normal(keys[0], (3, 70_001))).astype(dtype),
+          "matrix": (scale * jax.random.normal(keys[1], (3, 130, 200))).astype(dtype)}
+  hlo = jax.jit(mtl.gramian).lower(tree).as_text()
+  assert "while" in hlo  # the blocked loop, not one long dot
+  dense = flat(tree) / scale
+  for compute in (mtl.gramian, jax.jit(mtl.gramian)):
+    g = compute(tree)
+    np.testing.assert_allclose(full_gramian(g) / scale ** 2, dense @ dense.T,
+                               rtol=rtol, atol=rtol * np.max(dense @ dense.T))
+
+
+def test_blocked_cpu_gramian_under_vmap():
+  stacked = jax.random.normal(jax.random.key(6), (2, 3, 40_000))
+  batched = jax.vmap(lambda g: full_gramian_jnp(mtl.gramian(g)))(stacked)
+  for i in range(2):
+    rows = np.asarray(stacked[i], np.float64)
+    np.testing.assert_allclose(batched[i], rows @ rows.T, rtol=1e-5)
+
+
+def full_gramian_jnp(g):
+  return g.normalized * g.scale ** 2

@@ -237,10 +237,18 @@ def build(parts: Sequence[Part], *, single: bool) -> Method:
     states = _split_states(parts, state, single)
     scales, final, states, weights = _run(members, states, num_tasks, stats,
                                           losses, kpis, extra)
-    if members[-1].kind == AGGREGATOR:
+    last = members[-1]
+    if last.kind == AGGREGATOR:
       shared = final if scales is None else scales * final
-      updates = combine_lib.combine(shared, task_grads, masks[-1],
-                                    head_weights=scales)
+      if last.weighting.per_coordinate is None:
+        updates = combine_lib.combine(shared, task_grads, masks[-1],
+                                      head_weights=scales)
+      else:
+        last_state = states[-1]
+        updates = combine_lib.reduce_tasks(
+            lambda leaf, index: last.weighting.per_coordinate(
+                leaf, last_state, index),
+            shared, task_grads, masks[-1], head_weights=scales)
     else:
       updates = combine_lib.scale_tasks(scales, task_grads)
     return updates, _join_states(parts, states, weights, single)
@@ -438,6 +446,14 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
       mask of its own.
   """
   members = method_members(tx, name)
+  for m in members:
+    if m.weighting.per_coordinate is not None:
+      raise ValueError(
+          f"{name}: {m.weighting.name} combines the task gradients coordinate "
+          f"by coordinate, so it needs every task's full gradient. Use the "
+          f"stacked path: losses, task_grads = mtl.value_and_jacobian("
+          f"loss_fn)(params, ...), then tx.update(task_grads, state, params, "
+          f"losses=losses).")
   per_member = isinstance(gram, list)
   grams = [_as_statistics(g) for g in (gram if per_member else [gram] * len(members))]
   for m, member_gram in zip(members, grams):

@@ -105,6 +105,13 @@ class Weighting:
     claims: subset of ``CLAIMS``, the properties the method guarantees.
     tasks_argument: the argument T came from, for the message when an
       update has another T (``"len(weights)"`` for fixed weights).
+    per_coordinate: for an aggregator whose update is not a weighted sum
+      (robust means, sign-based dropping): ``(leaf, state, index) -> update
+      leaf``, applied to each shared leaf, with ``leaf`` the [T, ...] stack
+      of ``w_t g_t`` (the rule's weights times any scalings' before it),
+      ``state`` the new state and ``index`` the leaf's position (to derive
+      per-leaf randomness). It replaces ``sum_t`` in the combination pass;
+      heads are still summed. None for every weighted-sum method.
 
   Example:
     >>> import jax.numpy as jnp, optax_mtl as mtl
@@ -122,6 +129,7 @@ class Weighting:
   num_tasks: int | None = None
   claims: frozenset = frozenset()
   tasks_argument: str = "num_tasks"
+  per_coordinate: Callable[[jax.Array, Any, int], jax.Array] | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -141,6 +149,9 @@ class Weighting:
       raise ValueError(f"{self.name}: claims has unknown entries "
                        f"{sorted(unknown)}; choose among {sorted(CLAIMS)}.")
     hyperparams.num_tasks(self.num_tasks, self.name, required=False)
+    if self.per_coordinate is not None and not callable(self.per_coordinate):
+      raise TypeError(f"{self.name}: per_coordinate must be callable as "
+                      f"per_coordinate(leaf, state, index) -> update leaf.")
 
   @property
   def statistics(self) -> str | None:

@@ -20,12 +20,19 @@ from optax_mtl._src.engine import sharding
 
 def _weighted_leaf(weights: jax.Array, leaf: jax.Array) -> jax.Array:
   accumulate = jnp.promote_types(jnp.float32, leaf.dtype)
+  weights = weights.astype(accumulate)
+  # The weights enter the contraction in the leaf's dtype: divided by their
+  # largest magnitude first, so a weight beyond float16's range (1 / L_t for
+  # a loss of 1e-5) does not overflow; the factor is applied after the
+  # float32 accumulation.
+  largest = jnp.max(jnp.abs(weights))
+  largest = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1.0)
   contracted = lax.dot_general(
-      weights.astype(leaf.dtype), leaf, (((0,), (0,)), ((), ())),
+      (weights / largest).astype(leaf.dtype), leaf, (((0,), (0,)), ((), ())),
       precision=lax.Precision.HIGHEST,
       preferred_element_type=accumulate,
       **sharding.drop_task_axis_out(leaf))
-  return contracted.astype(leaf.dtype)
+  return (contracted * largest).astype(leaf.dtype)
 
 
 def combine(weights: jax.Array, task_grads: Any, mask: Any | None = None,
@@ -63,6 +70,31 @@ def combine(weights: jax.Array, task_grads: Any, mask: Any | None = None,
       task_grads, mask)
 
 
+def reduce_tasks(reduce: Any, weights: jax.Array, task_grads: Any,
+                 mask: Any | None = None,
+                 head_weights: jax.Array | None = None) -> Any:
+  """Per shared leaf, ``reduce(w_t g_t stack, index)``; heads as :func:`combine`.
+
+  The combination pass of a coordinate-wise aggregator: ``reduce`` maps the
+  [T, ...] stack of weighted task gradients of one leaf to that leaf's
+  update (computed in float32, or float64 for float64 leaves, and cast back
+  to the leaf's dtype); ``index`` is the leaf's position in the tree.
+  """
+  leaves, treedef = jax.tree.flatten(task_grads)
+  shared = ([True] * len(leaves) if mask is None else jax.tree.leaves(mask))
+  if head_weights is None:
+    head_weights = jnp.ones(weights.shape, weights.dtype)
+  out = []
+  for index, (leaf, is_shared) in enumerate(zip(leaves, shared)):
+    if not is_shared:
+      out.append(_weighted_leaf(head_weights, leaf))
+      continue
+    compute = jnp.promote_types(jnp.float32, leaf.dtype)
+    stack = scale_tasks(weights, leaf.astype(compute))
+    out.append(jnp.asarray(reduce(stack, index)).astype(leaf.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
 def scale_tasks(scales: jax.Array, task_grads: Any) -> Any:
   """Multiplies the gradient of task t by ``scales[t]`` on every leaf.
 
@@ -80,6 +112,9 @@ def scale_tasks(scales: jax.Array, task_grads: Any) -> Any:
            [0.]], dtype=float32)
   """
   def scale_leaf(g):
-    factor = scales.astype(g.dtype).reshape((g.shape[0],) + (1,) * (g.ndim - 1))
-    return g * factor
+    # In float32 (or wider) for narrow leaves: the factor itself may lie
+    # outside float16's range while the product does not.
+    compute = jnp.promote_types(jnp.float32, g.dtype)
+    factor = scales.astype(compute).reshape((g.shape[0],) + (1,) * (g.ndim - 1))
+    return (g.astype(compute) * factor).astype(g.dtype)
   return jax.tree.map(scale_leaf, task_grads)

@@ -116,6 +116,18 @@ def integer(value: Any, method: str, argument: str, low: int = 1) -> Any:
   return value
 
 
+def static_integer(value: Any, method: str, argument: str, low: int = 1) -> int:
+  """A Python int >= ``low`` that shapes the program (a count, an index)."""
+  if isinstance(value, jax.core.Tracer) or isinstance(value, bool) or not (
+      isinstance(value, (int, np.integer))):
+    raise TypeError(
+        f"{method}: {argument} must be a Python int (it fixes the shapes of "
+        f"the computation; with optax.inject_hyperparams list it in "
+        f"static_args), got {value!r}.")
+  integer(value, method, argument, low)
+  return int(value)
+
+
 def choice(value: Any, options: Sequence[Any], method: str, argument: str) -> Any:
   """``value`` is one of ``options`` (a static choice such as a mode name)."""
   if isinstance(value, jax.core.Tracer):

@@ -109,7 +109,12 @@ def accumulation_dtype(leaves: Sequence[jax.Array]):
   return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def _leaf_block(leaf, dtype, divisor):
+# Columns of a [T, n] leaf per step of the CPU Gramian loop: a [T, chunk]
+# block and its transpose stay in the core's cache.
+_CPU_CHUNK = 4096
+
+
+def _portable_block(leaf, dtype, divisor):
   if divisor is not None:
     leaf = leaf.astype(dtype) / divisor
   dims = tuple(range(1, leaf.ndim))
@@ -118,6 +123,46 @@ def _leaf_block(leaf, dtype, divisor):
       precision=lax.Precision.HIGHEST,
       preferred_element_type=dtype,
       **sharding.replicated_out(leaf))
+
+
+def _cpu_block(leaf, dtype, divisor):
+  """The Gramian block of one leaf at BLAS speed on XLA's CPU backend.
+
+  XLA's CPU dot of a [T, n] matrix with itself over the long axis runs about
+  3x slower than the same product laid out as [n, T]. The columns are taken
+  in cache-sized blocks, each transposed to [chunk, T] and contracted over
+  its leading axis, the T x T partial products summed.
+  """
+  num_tasks = leaf.shape[0]
+  flat = leaf.reshape(num_tasks, -1)
+  steps = flat.shape[1] // _CPU_CHUNK
+
+  def gram(block):
+    if divisor is not None:
+      block = block.astype(dtype) / divisor
+    # The barrier keeps the transpose physical; folded into the dot, it
+    # would give back the slow layout.
+    columns = lax.optimization_barrier(block.T)
+    return lax.dot_general(columns, columns, (((0,), (0,)), ((), ())),
+                           preferred_element_type=dtype)
+
+  def body(i, total):
+    block = lax.dynamic_slice_in_dim(flat, i * _CPU_CHUNK, _CPU_CHUNK, axis=1)
+    return total + gram(block)
+
+  total = lax.fori_loop(0, steps, body, jnp.zeros((num_tasks, num_tasks), dtype))
+  rest = flat[:, steps * _CPU_CHUNK:]
+  return total + gram(rest) if rest.shape[1] else total
+
+
+def _leaf_block(leaf, dtype, divisor):
+  portable = lambda x: _portable_block(x, dtype, divisor)
+  # Blocks of a sharded leaf would be gathered; small leaves gain nothing.
+  if (leaf.size < 4 * _CPU_CHUNK * leaf.shape[0] or sharding.replicated_out(leaf)
+      or not jax.sharding.get_abstract_mesh().empty):
+    return portable(leaf)
+  return lax.platform_dependent(
+      leaf, cpu=lambda x: _cpu_block(x, dtype, divisor), default=portable)
 
 
 def _leaf_squares(leaf, dtype, divisor):

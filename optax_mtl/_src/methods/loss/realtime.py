@@ -61,3 +61,44 @@ def scale_by_realtime_loss(*, num_tasks: int | None = None
 
 realtime_loss_weighting = aliases.alias(scale_by_realtime_loss,
                                         "realtime_loss_weighting")
+
+
+def on_log_losses(method: transform.Method, *, num_tasks: int | None = None
+                  ) -> optax.GradientTransformationExtraArgs:
+  """Any method applied to the gradients of the log losses.
+
+  .. math::
+     \\nabla_\\theta \\log L_t = \\frac{g_t}{L_t}, \\qquad
+     G^{\\log}_{ts} = \\frac{G_{ts}}{L_t L_s}
+
+  ``on_log_losses(m)`` is ``mtl.chain(mtl.scale_by_realtime_loss(), m)``: the
+  method sees the gradients of ``log L_t`` (their Gramian formed on the
+  T x T matrix, still one pass over the gradients), so a loss measured in
+  other units, or simply larger, no longer dominates the method's weights.
+  ``on_log_losses(mtl.mgda())``, ``on_log_losses(mtl.cagrad())`` and
+  ``on_log_losses(mtl.imtl_g())`` are the log-MGDA, log-CAGrad and log-IMTL
+  baselines of the FAMO and FairGrad papers.
+
+  Args:
+    method: an aggregator or task scaling of this library (or an
+      :func:`optax_mtl.chain` of them).
+    num_tasks: optional T; when given, the scaling's state keeps the
+      ``1 / L_t`` it applied in ``task_weights``.
+
+  Returns:
+    The chain; its state is ``(scaling state, method state)`` and ``update``
+    requires ``losses=``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_mtl as mtl
+    >>> tx = mtl.on_log_losses(mtl.mgda())
+    >>> g = {"w": jnp.array([[2.0, 0.0], [0.0, 1.0]])}
+    >>> tx.update(g, tx.init(None), losses=jnp.array([2.0, 1.0]))[0]["w"]
+    Array([0.5, 0.5], dtype=float32)
+
+  References:
+    Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization",
+    NeurIPS 2023 (log-loss baselines); Ban & Ji, "Fair Resource Allocation
+    in Multi-Task Learning", ICML 2024.
+  """
+  return transform.chain(scale_by_realtime_loss(num_tasks=num_tasks), method)
