@@ -45,7 +45,7 @@ import optax
 import optax_mtl as mtl
 
 FULL_CASES = [(2, 10_000_000), (10, 10_000_000), (40, 2_500_000), (10, 50_000_000)]
-QUICK_CASES = [(3, 100_000), (10, 50_000)]
+QUICK_CASES = [(3, 100_000)]
 # Fractions of d held by each leaf: a pytree of a few leaves, not one vector.
 LEAF_FRACTIONS = (0.5, 0.3, 0.15, 0.05)
 
@@ -90,6 +90,23 @@ CHAIN_PAIRS = [
     ("realtime + pcgrad", "pcgrad", "realtime + pcgrad (mtl.chain)",
      "realtime + pcgrad (optax.chain)"),
 ]
+
+
+def selected_methods(num_tasks, names=None):
+  """``methods(num_tasks)`` restricted to ``names`` (None: all).
+
+  The one-read row and the rows of the chain pairs are always kept: the
+  ratios are taken against them.
+  """
+  rows = methods(num_tasks)
+  if names is None:
+    return rows
+  unknown = set(names) - set(methods(10))
+  if unknown:
+    raise ValueError(f"--methods: unknown rows {sorted(unknown)}; choose among "
+                     f"{list(methods(10))}.")
+  keep = {"sum (one read)"} | {r for pair in CHAIN_PAIRS for r in pair[1:]} | set(names)
+  return {k: v for k, v in rows.items() if k in keep}
 
 
 def _chain_sum(scaling):
@@ -156,13 +173,13 @@ def time_interleaved(calls, repeats):
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_case(num_tasks, dim, repeats):
+def bench_case(num_tasks, dim, repeats, names=None):
   grads = make_grads(num_tasks, dim)
   params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
   losses = jnp.linspace(1.0, 2.0, num_tasks)
   chain_rows = {row for pair in CHAIN_PAIRS for row in pair[2:]}
   calls, updates = {}, {}
-  for name, tx in methods(num_tasks).items():
+  for name, tx in selected_methods(num_tasks, names).items():
     state = tx.init(params)
     # The new state is returned too: a method whose update applies the
     # previous step's weights (GradNorm) would otherwise have its Gramian
@@ -200,14 +217,14 @@ def _solve(tx, num_tasks):
   return jax.jit(weights)
 
 
-def bench_solves(num_tasks=10, repeats=50):
+def bench_solves(num_tasks=10, repeats=50, names=None):
   """Each Gramian method's T x T solve alone, at T = 10."""
   rng = np.random.default_rng(0)
   g = rng.normal(size=(num_tasks, 64)) + 0.5 * rng.normal(size=64)
   gram = g @ g.T
   gram = jnp.asarray(gram / gram.diagonal().max(), jnp.float32)
   solves = {}
-  for name, tx in methods(num_tasks).items():
+  for name, tx in selected_methods(num_tasks, names).items():
     if not isinstance(tx, mtl.Method) or len(tx.parts) != 1 or len(tx.parts[0].members) != 1:
       continue  # chains and aliases: their members are timed on their own
     if "gramian" not in tx.reads:
@@ -239,7 +256,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small smoke run")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated rows to time (default: all)")
   args = parser.parse_args(argv)
+  names = ([n.strip() for n in args.methods.split(",") if n.strip()]
+           if args.methods else None)
   device = jax.devices()[0]
   kind = device.platform
   cases = QUICK_CASES if args.quick else FULL_CASES
@@ -251,7 +272,7 @@ def main(argv=None):
   results = {"device": device.device_kind, "platform": kind, "quick": args.quick,
              "note": note, "cases": [], "solves_T10_ms": {}}
   for num_tasks, dim in cases:
-    rows, reads = bench_case(num_tasks, dim, repeats)
+    rows, reads = bench_case(num_tasks, dim, repeats, names)
     floor = rows["sum (one read)"]
     entry = {"T": num_tasks, "d": dim,
              "ms": {k: 1e3 * v for k, v in rows.items()},
@@ -273,7 +294,7 @@ def main(argv=None):
   print(f"Gramian pass, T={gram_pass['T']} d={gram_pass['d']}: engine "
         f"{gram_pass['engine_ms']:.2f} ms, numpy J @ J.T {gram_pass['numpy_ms']:.2f} "
         f"ms ({gram_pass['ratio']:.2f}x)", flush=True)
-  solves = bench_solves(repeats=10 if args.quick else 50)
+  solves = bench_solves(repeats=10 if args.quick else 50, names=names)
   results["solves_T10_ms"] = {k: 1e3 * v for k, v in solves.items()}
   print("T x T solve alone, T=10: " + ", ".join(
       f"{k} {1e3 * v:.3f} ms" for k, v in solves.items()), flush=True)

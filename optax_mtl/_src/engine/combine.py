@@ -21,18 +21,24 @@ from optax_mtl._src.engine import sharding
 def _weighted_leaf(weights: jax.Array, leaf: jax.Array) -> jax.Array:
   accumulate = jnp.promote_types(jnp.float32, leaf.dtype)
   weights = weights.astype(accumulate)
-  # The weights enter the contraction in the leaf's dtype: divided by their
-  # largest magnitude first, so a weight beyond float16's range (1 / L_t for
-  # a loss of 1e-5) does not overflow; the factor is applied after the
-  # float32 accumulation.
-  largest = jnp.max(jnp.abs(weights))
-  largest = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1.0)
+  narrow = jnp.finfo(leaf.dtype).bits < 32
+  largest = jnp.ones((), accumulate)
+  if narrow:
+    # The weights enter the contraction in the leaf's dtype: divided by
+    # their largest magnitude first, so a weight beyond float16's range
+    # (1 / L_t for a loss of 1e-5) does not overflow; the factor is applied
+    # after the float32 accumulation.
+    largest = jnp.max(jnp.abs(weights))
+    largest = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1.0)
+    weights = weights / largest
   contracted = lax.dot_general(
-      (weights / largest).astype(leaf.dtype), leaf, (((0,), (0,)), ((), ())),
+      weights.astype(leaf.dtype), leaf, (((0,), (0,)), ((), ())),
       precision=lax.Precision.HIGHEST,
       preferred_element_type=accumulate,
       **sharding.drop_task_axis_out(leaf))
-  return (contracted * largest).astype(leaf.dtype)
+  if narrow:
+    contracted = contracted * largest
+  return contracted.astype(leaf.dtype)
 
 
 def combine(weights: jax.Array, task_grads: Any, mask: Any | None = None,

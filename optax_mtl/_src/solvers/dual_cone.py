@@ -22,8 +22,8 @@ violated constraint. Every step is one factorisation of a T x T matrix, in a
 bounded ``lax.while_loop``. It starts from the constraints violated at
 ``x = 0`` (``c > 0``), so a typical solve ends in two or three steps; a
 constraint enters only when it is violated at the current least-squares
-point, so dependent gradients (identical, colinear, T > rank) never fill
-``P`` with a singular system.
+point, so dependent gradients (identical, colinear, T > rank) do not pile
+up in ``P`` as a full-exchange (block pivoting) method's guesses do.
 
 Where ``A_PP`` is still singular or nearly so, the solves use ``A_PP + mu I``
 with a ridge ``mu`` of a few ulps (after a Jacobi scaling to unit diagonal)
@@ -33,11 +33,15 @@ solution, so no ridge is left in the result; on an inconsistent one (PCD's
 constraints may contradict each other) the equations stay violated, and the
 returned residual shows it.
 
-The equations on ``P`` are solved with a rounding margin, ``y_P = 4 eps l``
-with ``l`` the norm-weighted size of the point projected, instead of 0: the
-constraints then still hold when ``<g_t, update>`` is evaluated again in
-float32 from the gradients, also when the terms of the update cancel
-heavily (nearly opposite gradients).
+Rounding. A constraint met with equality, ``<g_t, update> = 0``, comes out
+of float32 arithmetic as +-eps times the terms it sums, which nearly
+opposite gradients make large relative to the update. So the solution is
+polished in the same loop (usually one more step): the problem is solved
+again from it with every constraint tightened by a few ulps of those terms,
+``y_t >= 4 eps (l + sum_s x_s)`` (scaled units; ``l`` the size of the point
+projected), and that solution is kept when it conflicts less. When the
+constraints' cone has no interior (opposite gradients) the tightened
+problem is infeasible and the plain solution is kept.
 
 References:
   Lawson & Hanson, "Solving Least Squares Problems", Prentice-Hall 1974
@@ -64,6 +68,21 @@ _REFINE = 3
 _MARGIN = 4.0
 # Refinement that reduces the residual by less than this per step has stalled.
 _STALL = 0.9
+
+
+def padded_size(num: int) -> int:
+  """The size T is padded to: 4, 8, 16, ... (at least T).
+
+  Padding with zero gradients changes no solution (their rows are fixed and
+  no constraint) and lets eager updates with T = 1..4, 5..8, ... share one
+  compiled solver.
+  """
+  return max(4, 1 << (num - 1).bit_length())
+
+
+def pad(array: jax.Array, size: int) -> jax.Array:
+  """Zero-pads every axis of a [T] or [T, T] array to ``size``."""
+  return jnp.pad(array, [(0, size - n) for n in array.shape])
 
 
 class Solution(NamedTuple):

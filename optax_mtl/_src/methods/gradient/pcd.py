@@ -44,8 +44,14 @@ class PCDState(NamedTuple):
   residual: jax.Array
 
 
-# Compiled once per shape, so eager updates do not retrace the solver loop.
+# Compiled once per padded shape, so eager updates do not retrace the loop.
 @jax.jit
+def _padded_direction(gram_matrix, levels, free):
+  primary = jnp.zeros((gram_matrix.shape[0],), jnp.float32).at[0].set(1.0)
+  return dual_cone.project(gram_matrix, primary,
+                           offsets=levels * jnp.diagonal(gram_matrix), free=free)
+
+
 def constrained_direction(gram_matrix: jax.Array, tau: jax.Array
                           ) -> tuple[jax.Array, jax.Array]:
   """PCD's direction as a combination of the (normalised) gradients.
@@ -53,7 +59,8 @@ def constrained_direction(gram_matrix: jax.Array, tau: jax.Array
   Solves ``min 1/2 ||d - h_0||^2`` subject to ``<h_j, d> >= tau_j ||h_j||^2``
   for ``j >= 1`` on the Gramian ``H`` of the ``h_t``: ``d = h_0 + sum_j
   lam_j h_j`` with ``lam >= 0`` the multipliers (its dual is a
-  nonnegative QP on ``H``; see :mod:`optax_mtl._src.solvers.dual_cone`).
+  nonnegative QP on ``H``; see :mod:`optax_mtl._src.solvers.dual_cone`),
+  on ``H`` padded with zero gradients.
 
   Args:
     gram_matrix: [T, T] Gramian ``H`` of the ``h_t`` (any global scale).
@@ -66,12 +73,65 @@ def constrained_direction(gram_matrix: jax.Array, tau: jax.Array
   """
   gram_matrix = jnp.asarray(gram_matrix, jnp.float32)
   num = gram_matrix.shape[0]
+  size = dual_cone.padded_size(num)
   levels = jnp.concatenate([jnp.zeros((1,), jnp.float32),
                             jnp.asarray(tau, jnp.float32)])
-  primary = jnp.zeros((num,), jnp.float32).at[0].set(1.0)
-  return dual_cone.project(gram_matrix, primary,
-                           offsets=levels * jnp.diagonal(gram_matrix),
-                           free=jnp.arange(num) > 0)
+  free = (jnp.arange(size) > 0) & (jnp.arange(size) < num)
+  z, residual = _padded_direction(dual_cone.pad(gram_matrix, size),
+                                  dual_cone.pad(levels, size), free)
+  return z[:num], residual
+
+
+# The T x T arithmetic around the solve, compiled once per T so that eager
+# updates do not dispatch (and compile) it operation by operation.
+@jax.jit
+def _normalised_gramian(normalized, scale, sq_norm_ema, norm_scale, count, beta, eps):
+  """The Gramian of the h_t up to a common factor, and the updated EMA."""
+  beta = jnp.asarray(beta, jnp.float32)
+  normalized = jnp.asarray(normalized, jnp.float32)
+  scale = jnp.asarray(scale, jnp.float32)
+  unit_sq = jnp.maximum(jnp.diagonal(normalized), 0.0)  # (||g_t|| / scale)^2
+  # The EMA in units of the largest norm seen: both ratios are <= 1.
+  reference = jnp.maximum(norm_scale, scale)
+  safe = jnp.where(reference > 0, reference, 1.0)
+  ema = (beta * sq_norm_ema * (norm_scale / safe) ** 2
+         + (1.0 - beta) * (scale / safe) ** 2 * unit_sq)
+  corrected = ema / (1.0 - beta ** count.astype(jnp.float32))
+  # log(v_t + eps) with v_t = reference^2 corrected_t, in range at any scale.
+  positive = (corrected > 0) & (reference > 0)
+  log_v = jnp.where(positive, 2.0 * jnp.log(safe)
+                    + jnp.log(jnp.where(positive, corrected, 1.0)), -jnp.inf)
+  log_denominator = jnp.logaddexp(log_v, jnp.log(jnp.asarray(eps, jnp.float32)))
+  # ||h_t|| up to a common factor (the problem is homogeneous in the h's).
+  present = unit_sq > 1e4 * jnp.finfo(jnp.float32).tiny
+  log_h = jnp.where(present, 0.5 * jnp.log(jnp.where(present, unit_sq, 1.0))
+                    - 0.5 * log_denominator, -jnp.inf)
+  top = jnp.max(log_h)
+  relative = jnp.where(present, jnp.exp(log_h - jnp.where(jnp.isfinite(top), top, 0.0)),
+                       0.0)
+  inv_unit = jnp.where(present, jax.lax.rsqrt(jnp.where(present, unit_sq, 1.0)), 0.0)
+  cosines = normalized * inv_unit[:, None] * inv_unit[None, :]
+  h_gram = cosines * relative[:, None] * relative[None, :]
+  return h_gram, relative, unit_sq, ema, reference
+
+
+@jax.jit
+def _raw_weights(z, residual, h_gram, relative, unit_sq):
+  """Weights on the raw gradients, with the fallbacks; and the feasibility."""
+  num = z.shape[0]
+  feasible = residual <= _FEASIBLE_TOL
+  present = unit_sq > 1e4 * jnp.finfo(jnp.float32).tiny
+  inv_unit = jnp.where(present, jax.lax.rsqrt(jnp.where(present, unit_sq, 1.0)), 0.0)
+  # ||d||^2 and its float32 resolution, in the units of h_gram.
+  d_sq = z @ h_gram @ z
+  resolution = 8.0 * jnp.finfo(jnp.float32).eps * jnp.dot(jnp.abs(z), relative) ** 2
+  moving = d_sq > resolution
+  # w_t = z_t s_t ||g_0|| / ||d||, s_t = ||h_t|| / ||g_t||, in ratios only.
+  ratio = jnp.sqrt(unit_sq[0]) * inv_unit
+  direction = z * relative * ratio * jax.lax.rsqrt(jnp.where(moving, d_sq, 1.0))
+  first = jnp.zeros((num,), jnp.float32).at[0].set(1.0)
+  weights = jnp.where(feasible, jnp.where(moving, direction, 0.0), first)
+  return jnp.where(present[0], weights, 0.0), feasible
 
 
 def pcd(
@@ -103,9 +163,10 @@ def pcd(
 
   Fallbacks: ``g_0 = 0`` gives a zero update; ``d* = 0`` (possible only with
   some ``tau_j = 0``) gives a zero update; when the constraints cannot hold
-  together (e.g. two secondary gradients are opposite and ``tau > 0``) the
-  update is ``g_0`` itself and the state's ``feasible`` is False. One task
-  gives ``g_0``.
+  together (e.g. two secondary gradients are opposite and ``tau > 0``), or
+  hold only with multipliers so large that float32 cannot resolve them (the
+  solver's relative KKT residual stays above 1e-3), the update is ``g_0``
+  itself and the state's ``feasible`` is False. One task gives ``g_0``.
 
   ``eps`` is in squared-gradient units (added to ``v_t``, like Adam's second
   moment): for gradients far above ``sqrt(eps)`` the direction does not
@@ -113,7 +174,9 @@ def pcd(
   gradients near or below it the normalisation fades and ``h_t`` tends to
   ``g_t / sqrt(eps)``. The EMA is kept in units of the largest norm seen
   and the normalisation is computed in log space, so gradients of 1e-20 or
-  1e20 neither underflow nor overflow. Not permutation equivariant (task 0
+  1e20 neither underflow nor overflow (as in the Gramian, a task more than
+  about 1e18 times smaller than the largest counts as zero). Not
+  permutation equivariant (task 0
   is special), nor exactly homogeneous (``eps``), nor non-conflicting (the
   primary task may be conflicted when the constraints demand it).
 
@@ -163,48 +226,14 @@ def pcd(
 
   def rule(inputs, state):
     gram = inputs.gramian
-    num = inputs.num_tasks
-    beta32 = jnp.asarray(beta, jnp.float32)
-    normalized = jnp.asarray(gram.normalized, jnp.float32)
-    scale = jnp.asarray(gram.scale, jnp.float32)
-    unit_sq = jnp.maximum(jnp.diagonal(normalized), 0.0)  # (||g_t|| / scale)^2
-    # The EMA in units of the largest norm seen: both ratios are <= 1.
-    reference = jnp.maximum(state.norm_scale, scale)
-    safe = jnp.where(reference > 0, reference, 1.0)
-    ema = (beta32 * state.sq_norm_ema * (state.norm_scale / safe) ** 2
-           + (1.0 - beta32) * (scale / safe) ** 2 * unit_sq)
-    count = state.count + 1
-    corrected = ema / (1.0 - beta32 ** count.astype(jnp.float32))
-    # log(v_t + eps) with v_t = reference^2 corrected_t, in range at any scale.
-    positive = (corrected > 0) & (reference > 0)
-    log_v = jnp.where(positive, 2.0 * jnp.log(safe)
-                      + jnp.log(jnp.where(positive, corrected, 1.0)), -jnp.inf)
-    log_denominator = jnp.logaddexp(log_v, jnp.log(jnp.asarray(eps, jnp.float32)))
-    # ||h_t|| up to a common factor (the problem is homogeneous in the h's).
-    present = unit_sq > 1e4 * jnp.finfo(jnp.float32).tiny
-    log_h = jnp.where(present, 0.5 * jnp.log(jnp.where(present, unit_sq, 1.0))
-                      - 0.5 * log_denominator, -jnp.inf)
-    top = jnp.max(log_h)
-    relative = jnp.where(present, jnp.exp(log_h - jnp.where(jnp.isfinite(top), top, 0.0)),
-                         0.0)
-    inv_unit = jnp.where(present, jax.lax.rsqrt(jnp.where(present, unit_sq, 1.0)), 0.0)
-    cosines = normalized * inv_unit[:, None] * inv_unit[None, :]
-    h_gram = cosines * relative[:, None] * relative[None, :]
+    h_gram, relative, unit_sq, ema, reference = _normalised_gramian(
+        gram.normalized, gram.scale, state.sq_norm_ema, state.norm_scale,
+        state.count + 1, beta, eps)
     z, residual = constrained_direction(h_gram, levels)
-    feasible = residual <= _FEASIBLE_TOL
-    # ||d||^2 and its float32 resolution, in the units of h_gram.
-    d_sq = z @ h_gram @ z
-    resolution = 8.0 * jnp.finfo(jnp.float32).eps * jnp.dot(jnp.abs(z), relative) ** 2
-    moving = d_sq > resolution
-    # w_t = z_t s_t ||g_0|| / ||d||, s_t = ||h_t|| / ||g_t||, in ratios only.
-    ratio = jnp.sqrt(unit_sq[0]) * inv_unit
-    direction = z * relative * ratio * jax.lax.rsqrt(jnp.where(moving, d_sq, 1.0))
-    first = jnp.zeros((num,), jnp.float32).at[0].set(1.0)
-    weights = jnp.where(feasible, jnp.where(moving, direction, 0.0), first)
-    weights = jnp.where(present[0], weights, 0.0)
-    new_state = state._replace(sq_norm_ema=ema, norm_scale=reference, count=count,
-                               feasible=feasible, residual=residual)
-    return weights, new_state
+    weights, feasible = _raw_weights(z, residual, h_gram, relative, unit_sq)
+    return weights, state._replace(sq_norm_ema=ema, norm_scale=reference,
+                                   count=state.count + 1, feasible=feasible,
+                                   residual=residual)
 
   return transform.aggregator(weighting.Weighting(
       name=_METHOD, rule=rule, init=init, reads={"gramian"}, num_tasks=size,

@@ -37,28 +37,47 @@ def _initial_state(size):
   return DualConeState(weighting.initial_weights(size), jnp.zeros((), jnp.float32))
 
 
-def _resolved(gram_matrix, coefficients):
+def _resolved(gram_matrix, coefficients, residuals):
   """Zeroes the rows whose combination is below float32's resolution.
 
   ``||sum_t v_t g_t||^2`` is known to about ``8 eps (sum_t |v_t| ||g_t||)^2``;
   a projection below that cannot be told from 0 (the dual cone is then
   flat there, e.g. opposite gradients), and its rounding noise would be an
-  update in an arbitrary direction.
+  update in an arbitrary direction. Such a row is exactly 0, so its
+  residual is too.
   """
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_matrix), 0.0))
   value = jnp.einsum("it,ts,is->i", coefficients, gram_matrix, coefficients)
   resolution = 8.0 * jnp.finfo(jnp.float32).eps * (jnp.abs(coefficients) @ norms) ** 2
-  return jnp.where((value > resolution)[:, None], coefficients, 0.0)
+  resolved = value > resolution
+  return (jnp.where(resolved[:, None], coefficients, 0.0),
+          jnp.where(resolved, residuals, 0.0))
 
 
-# Compiled once per shape, so eager updates do not retrace the solver loop.
+# Compiled once per padded shape, so eager updates do not retrace the loop.
 @jax.jit
+def _padded_projections(gram_matrix):
+  eye = jnp.eye(gram_matrix.shape[0], dtype=jnp.float32)
+  coefficients, residuals = jax.vmap(
+      lambda e: dual_cone.project(gram_matrix, e))(eye)
+  return _resolved(gram_matrix, coefficients, residuals)
+
+
+@jax.jit
+def _padded_combination(gram_matrix, combination):
+  v, residual = dual_cone.project(gram_matrix, combination)
+  v, residual = _resolved(gram_matrix, v[None], residual[None])
+  return v[0], residual[0]
+
+
 def projection_coefficients(gram_matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Each task gradient's projection onto the dual cone, as combinations.
 
   Row i of the result holds ``v^(i) = argmin_{v >= e_i} v^T G v``, so the
   projection of ``g_i`` onto ``{u : <g_t, u> >= 0 for all t}`` is ``sum_t
-  v^(i)_t g_t``. The T problems are solved together (vmapped).
+  v^(i)_t g_t``. The T problems are solved together (vmapped), on the
+  Gramian padded with zero gradients (see
+  :func:`optax_mtl._src.solvers.dual_cone.padded_size`).
 
   Args:
     gram_matrix: [T, T] Gramian (any global scale).
@@ -68,13 +87,12 @@ def projection_coefficients(gram_matrix: jax.Array) -> tuple[jax.Array, jax.Arra
     residuals of the solves.
   """
   gram_matrix = jnp.asarray(gram_matrix, jnp.float32)
-  eye = jnp.eye(gram_matrix.shape[0], dtype=jnp.float32)
-  coefficients, residuals = jax.vmap(
-      lambda e: dual_cone.project(gram_matrix, e))(eye)
-  return _resolved(gram_matrix, coefficients), residuals
+  num = gram_matrix.shape[0]
+  size = dual_cone.padded_size(num)
+  coefficients, residuals = _padded_projections(dual_cone.pad(gram_matrix, size))
+  return coefficients[:num, :num], residuals[:num]
 
 
-@jax.jit
 def combination_projection(gram_matrix: jax.Array, combination: jax.Array
                            ) -> tuple[jax.Array, jax.Array]:
   """The projection of ``sum_t u_t g_t`` onto the dual cone, as a combination.
@@ -88,8 +106,12 @@ def combination_projection(gram_matrix: jax.Array, combination: jax.Array
     relative KKT residual of the solve.
   """
   gram_matrix = jnp.asarray(gram_matrix, jnp.float32)
-  v, residual = dual_cone.project(gram_matrix, combination)
-  return _resolved(gram_matrix, v[None])[0], residual
+  num = gram_matrix.shape[0]
+  size = dual_cone.padded_size(num)
+  v, residual = _padded_combination(
+      dual_cone.pad(gram_matrix, size),
+      dual_cone.pad(jnp.asarray(combination, jnp.float32), size))
+  return v[:num], residual
 
 
 def _preference(preference, num_tasks, method):
