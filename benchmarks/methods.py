@@ -86,6 +86,17 @@ METHODS: tuple[Method, ...] = (
     Method("cr-mogm", lambda T: mtl.cr_mogm(mtl.mgda(), num_tasks=T)),
     Method("auxiliary", lambda T: mtl.auxiliary()),
     Method("log-mgda", lambda T: mtl.on_log_losses(mtl.mgda())),
+    Method("graddrop", lambda T: mtl.graddrop(seed=0)),
+    Method("moco", lambda T: mtl.moco(num_tasks=T)),
+    Method("db-mtl", lambda T: mtl.db_mtl(num_tasks=T)),
+    Method("excess-mtl", lambda T: mtl.excess_mtl(num_tasks=T)),
+    # One batch read twice: the benchmarks feed one mini-batch per step.
+    Method("sdmgrad", lambda T: mtl.same_batch(mtl.sdmgrad(num_tasks=T))),
+    Method("modo", lambda T: mtl.same_batch(mtl.modo(num_tasks=T))),
+    Method("stch", lambda T: mtl.stch(num_tasks=T)),
+    Method("pbi", lambda T: mtl.pbi()),
+    # The benchmark networks are not conditioned on a preference: fixed, uniform.
+    Method("cosmos", lambda T: mtl.cosmos(preference=[1.0 / T] * T, num_tasks=T)),
 )
 
 

@@ -133,11 +133,20 @@ def evaluate(graphdef, params, x, labels):
                     jnp.sqrt(jnp.mean((total - target) ** 2))])
 
 
-def make_train(make_tx, graphdef, steps: int):
+# The trunk: the leaves every task's gradient reaches, where tasks can conflict.
+TRUNK = {"hidden1": True, "hidden2": True, "left": False, "right": False, "sum": False}
+RECORD_EVERY = 50
+PAIRS = ((0, 1), (0, 2), (1, 2))  # the order of jnp.triu_indices(3, k=1)
+
+
+def make_train(make_tx, graphdef, steps: int, record: bool = False):
   """Jitted ``(params [S], batches, *tx_args) -> params [S]``.
 
   ``make_tx(*tx_args)`` builds the method inside the program, so a traced
-  argument (the single-task one-hot weights) reuses one compilation.
+  argument (the single-task one-hot weights) reuses one compilation. With
+  ``record``, it returns ``(params, conflict)`` too: every ``RECORD_EVERY``
+  steps, the pairwise cosines [3] (left-right, left-sum, right-sum) and the
+  norm ratio of the trunk's task gradients along the method's trajectory.
   """
   jac = mtl.value_and_jacobian(functools.partial(task_losses, graphdef),
                                has_aux=True)
@@ -152,11 +161,19 @@ def make_train(make_tx, graphdef, steps: int):
       (losses, kpis), task_grads = jac(params, x_b[j], y_b[j])
       updates, state = tx.update(task_grads, state, params, losses=losses,
                                  kpis=kpis)
-      return (optax.apply_updates(params, updates), state), None
+      out = None
+      if record:
+        d = mtl.conflict_diagnostics(task_grads, shared=TRUNK)
+        rows, cols = jnp.triu_indices(len(TASKS), k=1)
+        out = (d.task_cosines[rows, cols], d.norm_ratio)
+      return (optax.apply_updates(params, updates), state), out
 
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)),
-                                  jnp.arange(steps))
-    return params
+    (params, _), conflict = jax.lax.scan(step, (params, tx.init(params)),
+                                         jnp.arange(steps))
+    if not record:
+      return params
+    cosines, ratio = conflict
+    return params, (cosines[::RECORD_EVERY], ratio[::RECORD_EVERY])
 
   return one
 
@@ -192,6 +209,51 @@ def plot(rows: dict, stl: dict, path: str) -> None:
   axes[3].set_yticks(y, labels, fontsize=7)
   axes[3].tick_params(axis="x", labelsize=7)
   axes[3].invert_yaxis()
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+# Methods whose trajectories the conflict plot shows (when they ran).
+CONFLICT_PLOT = ("sum", "initial loss", "normalize", "mgda-l2", "pcgrad", "upgrad")
+
+
+def conflict_summary(rows: dict) -> str:
+  """Markdown: the trunk's gradient cosines and norm ratio, first and last record."""
+  header = ["method", "norm ratio (start)", "norm ratio (end)"] + [
+      f"cos {pair} (start / end)" for pair in next(iter(rows.values()))["conflict"]["cosines"]]
+  table = []
+  for label, r in rows.items():
+    c = r["conflict"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3g}"
+    table.append([label, fmt(c["norm_ratio"][0]), fmt(c["norm_ratio"][-1])] + [
+        f"{fmt(v[0])} / {fmt(v[-1])}" for v in c["cosines"].values()])
+  return ("\n## Conflict between the tasks' trunk gradients\n\nSeed means of "
+          "`mtl.conflict_diagnostics` of the trunk's task gradients along each "
+          "method's trajectory, at the first step and the last record.\n\n"
+          + common.markdown_table(header, table) + "\n")
+
+
+def plot_conflict(rows: dict, path: str) -> None:
+  import matplotlib.pyplot as plt
+  shown = [l for l in CONFLICT_PLOT if l in rows] or list(rows)[:6]
+  pairs = list(next(iter(rows.values()))["conflict"]["cosines"])
+  fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(3.2 * (len(pairs) + 1), 3.0))
+  for label in shown:
+    c = rows[label]["conflict"]
+    nan = lambda xs: [np.nan if v is None else v for v in xs]
+    for ax, pair in zip(axes, pairs):
+      ax.plot(c["steps"], nan(c["cosines"][pair]), label=label, lw=1)
+    axes[-1].plot(c["steps"], nan(c["norm_ratio"]), label=label, lw=1)
+  for ax, pair in zip(axes, pairs):
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_title(f"cosine {pair}", fontsize=9)
+  axes[-1].set_yscale("log")
+  axes[-1].set_title("norm ratio (largest / smallest)", fontsize=9)
+  for ax in axes:
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+  axes[0].legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
@@ -249,7 +311,7 @@ def run(argv=None) -> dict:
   results, skipped = {}, {}
   for method in common.progress(selected, "multidigits", args.no_progress):
     train = jax.jit(jax.vmap(make_train(lambda m=method: m.make(num_tasks),
-                                        graphdef, steps),
+                                        graphdef, steps, record=True),
                              in_axes=(0, None)))
     try:
       with common.Timer() as t_compile:
@@ -258,7 +320,8 @@ def run(argv=None) -> dict:
       skipped[method.label] = common.method_error(e)
       continue
     with common.Timer() as t_run:
-      trained = jax.block_until_ready(compiled(params, batches))
+      trained, (cosines, ratio) = jax.block_until_ready(compiled(params, batches))
+    cosines, ratio = np.asarray(cosines, np.float64), np.asarray(ratio, np.float64)
     metrics = np.asarray(evaluate_all(trained, x_te, y_te), np.float64)
     finite = np.all(np.isfinite(metrics), axis=1)
     dm = delta_m(metrics, stl_metrics)
@@ -272,6 +335,14 @@ def run(argv=None) -> dict:
         "diverged_seeds": int((~finite).sum()),
         "compile_seconds": t_compile.seconds,
         "run_seconds": t_run.seconds,
+        # Seed means, every RECORD_EVERY steps, of the trunk's task gradients.
+        "conflict": {
+            "steps": list(range(0, steps, RECORD_EVERY)),
+            "cosines": {f"{TASKS[a]}-{TASKS[b]}": [common.finite_or_none(v) for v in
+                                                   cosines[:, :, k].mean(0)]
+                        for k, (a, b) in enumerate(PAIRS)},
+            "norm_ratio": [common.finite_or_none(v) for v in ratio.mean(0)],
+        },
     }
 
   stl = {"metrics": stl_metrics.tolist(), "metrics_std": stl_seed.std(0).tolist(),
@@ -321,6 +392,9 @@ def run(argv=None) -> dict:
   if results:
     md += f"\n![metrics]({stem}.png)\n"
     plot(results, stl, os.path.join(args.out, stem + ".png"))
+    md += conflict_summary(results)
+    md += f"\n![conflict over training]({stem}_conflict.png)\n"
+    plot_conflict(results, os.path.join(args.out, stem + "_conflict.png"))
   common.write_text(os.path.join(args.out, stem + ".md"), md)
   print(md)
   return payload

@@ -36,8 +36,13 @@ class Case(NamedTuple):
   @property
   def weighted_sum(self) -> bool:
     """False for coordinate-wise aggregators (their update is no sum_t w_t g_t)."""
+    tx = self.make(3)
+    # A gradient-memory method (MoCo, DB-MTL) combines its memory of past
+    # gradients, not the gradients it receives.
+    if getattr(tx, "combines_memory", False):
+      return False
     return all(m.weighting.per_coordinate is None
-               for p in self.make(3).parts for m in p.members)
+               for p in tx.parts for m in p.members)
 
 
 CASES = [
@@ -62,6 +67,10 @@ CASES = [
     Case("pcd", lambda T, **kw: mtl.pcd(num_tasks=T, **kw)),
     Case("trimmed_mean", lambda T, **kw: mtl.trimmed_mean((T - 1) // 2 if T else 1, num_tasks=T, **kw)),
     Case("cagrad", lambda T, **kw: mtl.cagrad(c=0.4, num_tasks=T, **kw)),
+    # Two-batch methods: the matrix passes one batch, read twice (same_batch);
+    # two distinct batches are tested in test_two_batch.py.
+    Case("sdmgrad", lambda T, **kw: mtl.same_batch(mtl.sdmgrad(num_tasks=T, **kw))),
+    Case("modo", lambda T, **kw: mtl.same_batch(mtl.modo(num_tasks=T, **kw))),
     Case("nash_mtl", lambda T, **kw: mtl.nash_mtl(num_tasks=T, **kw)),
     Case("fairgrad", lambda T, **kw: mtl.fairgrad(num_tasks=T, **kw)),
     Case("imtl_g", lambda T, **kw: mtl.imtl_g(num_tasks=T, **kw)),
@@ -77,4 +86,15 @@ CASES = [
         num_tasks=T, priorities=jnp.linspace(1.0, 2.0, T), **kw)),
     Case("dwa", lambda T, **kw: mtl.dwa(num_tasks=T, **kw)),
     Case("gradnorm", lambda T, **kw: mtl.gradnorm(num_tasks=T, **kw)),
+    Case("graddrop", lambda T, **kw: mtl.graddrop(leak=0.2, seed=1, num_tasks=T, **kw)),
+    Case("scale_by_stch", lambda T, **kw: mtl.scale_by_stch(0.5, warmup_steps=1, num_tasks=T, **kw)),
+    Case("stch", lambda T, **kw: mtl.stch(0.5, warmup_steps=1, num_tasks=T, **kw)),
+    Case("scale_by_pbi", lambda T, **kw: mtl.scale_by_pbi(num_tasks=T, **kw)),
+    Case("pbi", lambda T, **kw: mtl.pbi(num_tasks=T, **kw)),
+    Case("scale_by_cosmos", lambda T, **kw: mtl.scale_by_cosmos(seed=1, num_tasks=T, **kw)),
+    Case("cosmos", lambda T, **kw: mtl.cosmos(seed=1, num_tasks=T, **kw)),
+    Case("moco", lambda T, **kw: mtl.moco(num_tasks=T, **kw)),
+    Case("db_mtl", lambda T, **kw: mtl.db_mtl(num_tasks=T, **kw)),
+    Case("db_mtl_no_memory", lambda T, **kw: mtl.db_mtl(beta=0.0, num_tasks=T, **kw)),
+    Case("excess_mtl", lambda T, **kw: mtl.excess_mtl(robust_step_size=0.5, num_tasks=T, **kw)),
 ]

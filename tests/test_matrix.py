@@ -89,6 +89,9 @@ def test_jit_matches_eager_and_chains_with_optax(case):
                                          extra_args(num_tasks, s))
     chex_close(out, ref)
   chex_close(state, eager_state)
+  # The state tx.init returns has the types of the one update returns: the
+  # train step compiles once, not again at the second step.
+  assert step._cache_size() == 1, "the train step was compiled more than once"
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(moved))
   assert any(np.any(x != 0) for x in jax.tree.leaves(moved))
 
@@ -495,3 +498,62 @@ def test_float64_gradients_at_extreme_scales(case):
     np.testing.assert_allclose(results[1e150] / 1e150, results[1e-150] / 1e-150,
                                rtol=1e-5, atol=1e-12 * np.max(np.abs(
                                    results[1e-150] / 1e-150)))
+
+
+# --- the non-finite policy: the step is skipped, the state kept ----------------
+
+
+def _poisoned_steps(case, num_tasks):
+  """Bad inputs of one step: a NaN or inf in one task's gradient, and a NaN in
+  the losses or KPIs when the method reads them."""
+  grads = random_grads(num_tasks, seed=5)
+  nan_w = jax.tree.map(lambda g: g, grads)
+  nan_w["trunk"]["w"] = grads["trunk"]["w"].at[1, 2, 3].set(jnp.nan)
+  inf_head = jax.tree.map(lambda g: g, grads)
+  inf_head["head"] = grads["head"].at[num_tasks - 1, 0, 1].set(-jnp.inf)
+  steps = [(nan_w, {}), (inf_head, {})]
+  if "losses" in case.needs:
+    steps.append((grads, {"losses": jnp.array([1.0, jnp.nan, 2.0])[:num_tasks]}))
+  if "kpis" in case.needs:
+    steps.append((grads, {"kpis": jnp.array([0.5, jnp.inf, 0.7])[:num_tasks]}))
+  return steps
+
+
+def _skip_and_continue(case, update):
+  num_tasks = 3
+  params = make_params()
+  tx = case.make(num_tasks)
+  first, last = random_grads(num_tasks, seed=1), random_grads(num_tasks, seed=2)
+  state = tx.init(params)
+  _, state = update(tx, first, state, params, extra_args(num_tasks, 0))
+  ref_out, ref_state = update(tx, last, state, params, extra_args(num_tasks, 1))
+  for grads, bad in _poisoned_steps(case, num_tasks):
+    out, skipped = update(tx, grads, state, params, {**extra_args(num_tasks, 1), **bad})
+    for leaf in jax.tree.leaves(out):
+      assert not np.any(np.asarray(leaf, np.float64)), bad
+    weights = optax.tree.get(skipped, "task_weights", None)
+    if weights is not None:
+      np.testing.assert_array_equal(weights, np.zeros(num_tasks))
+      skipped = optax.tree.set(skipped, task_weights=optax.tree.get(state, "task_weights"))
+    chex_close(skipped, state, rtol=0, atol=0)
+    # The next finite step continues as if the bad one had not happened.
+    out, after = update(tx, last, skipped, params, extra_args(num_tasks, 1))
+    chex_close(out, ref_out, rtol=0, atol=0)
+    chex_close(after, ref_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_non_finite_step_is_skipped(case):
+  _skip_and_continue(case, lambda tx, g, s, p, kw: tx.update(g, s, p, **kw))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in {
+    "mgda", "upgrad", "nash_mtl", "trimmed_mean", "scale_by_gradnorm",
+    "scale_by_uncertainty", "dwa", "scale_by_dtp"}], ids=lambda c: c.name)
+def test_non_finite_step_is_skipped_under_jit(case):
+  compiled = {}
+
+  def update(tx, g, s, p, kw):
+    fn = compiled.setdefault(id(tx), jax.jit(tx.update))
+    return fn(g, s, p, **kw)
+  _skip_and_continue(case, update)

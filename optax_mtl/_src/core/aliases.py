@@ -27,7 +27,8 @@ gradient. It costs one statistics pass and one combination pass, like
 ``task_weights`` holds the weights applied to the shared leaves.
 
 Args:
-  *args, **kwargs: the arguments of :func:`{scaling}`.
+  *args: the positional arguments of :func:`{scaling}`.
+  **kwargs: its keyword arguments.
   priorities: optional [T] task priorities multiplied on top of the weights.
   shared: optional mask of shared leaves (pytree of bools or callable on
     params); heads are summed. A scaling that reads gradient statistics reads

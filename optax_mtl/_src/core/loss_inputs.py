@@ -32,22 +32,24 @@ def positive_losses(losses: jax.Array, method: str, name: str = "losses"):
     name: keyword name, for messages.
 
   Returns:
-    The losses clamped to ``[LOSS_FLOOR, LOSS_CEILING]``.
+    The losses clamped to ``[LOSS_FLOOR, LOSS_CEILING]``. A NaN or inf loss
+    is not an error: the core skips such a step (zero update, state
+    unchanged, see :mod:`optax_mtl._src.core.finite`), so it is only clamped
+    here to keep the rule's arithmetic finite.
 
   Raises:
-    ValueError: a concrete entry is zero, negative or not finite.
+    ValueError: a concrete entry is zero or negative.
   """
   if is_concrete(losses):
     values = np.asarray(losses, np.float64)
-    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+    bad = np.flatnonzero(np.isfinite(values) & (values <= 0))
     if bad.size:
       raise ValueError(
           f"{method} divides by or takes the logarithm of the {name}, so they "
-          f"must be finite and > 0; task(s) {bad.tolist()} have "
-          f"{values[bad].tolist()}. Check the loss function for a NaN or a "
-          f"negative term, or add a small epsilon to losses that can reach 0. "
-          f"(Under jax.jit such values are clamped to "
-          f"[{LOSS_FLOOR:g}, {LOSS_CEILING:g}] instead.)")
+          f"must be > 0; task(s) {bad.tolist()} have {values[bad].tolist()}. "
+          f"Check the loss function for a negative term, or add a small "
+          f"epsilon to losses that can reach 0. (Under jax.jit such values "
+          f"are clamped to [{LOSS_FLOOR:g}, {LOSS_CEILING:g}] instead.)")
   clean = jnp.where(jnp.isnan(losses), LOSS_CEILING, losses)
   return jnp.clip(clean, LOSS_FLOOR, LOSS_CEILING)
 
@@ -55,15 +57,16 @@ def positive_losses(losses: jax.Array, method: str, name: str = "losses"):
 def kpis_in_unit_interval(kpis: jax.Array, method: str) -> jax.Array:
   """Returns ``kpis`` checked (concrete) or clamped (traced) to (0, 1].
 
-  Traced values are clamped to ``[KPI_FLOOR, 1]``; NaN counts as the floor
-  (the task is treated as not yet learned, so it keeps a large weight).
+  Traced values are clamped to ``[KPI_FLOOR, 1]``. A NaN or inf KPI makes
+  the core skip the step (as a non-finite loss does), so it is only clamped
+  here.
 
   Raises:
-    ValueError: a concrete entry lies outside (0, 1] or is not finite.
+    ValueError: a concrete finite entry lies outside (0, 1].
   """
   if is_concrete(kpis):
     values = np.asarray(kpis, np.float64)
-    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0) & (values <= 1)))
+    bad = np.flatnonzero(np.isfinite(values) & ~((values > 0) & (values <= 1)))
     if bad.size:
       raise ValueError(
           f"{method}: kpis must lie in (0, 1] (e.g. an accuracy or IoU, "

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_mtl._src.core import diagnostics as diagnostics_lib
+from optax_mtl._src.core import finite
 from optax_mtl._src.core import weighting as weighting_lib
 from optax_mtl._src.engine import combine as combine_lib
 from optax_mtl._src.engine import masking
@@ -84,8 +86,10 @@ class Method(optax.GradientTransformationExtraArgs):
 
   It is an ordinary ``optax.GradientTransformationExtraArgs``; its ``parts``
   let :func:`chain`, :func:`optax_mtl.loss_weights` and the gradient paths
-  read what each member needs.
+  read what each member needs; ``diagnostics`` says whether its state keeps
+  the conflict diagnostics (:func:`with_diagnostics`).
   """
+  diagnostics = False
 
   @property
   def reads(self) -> frozenset:
@@ -106,13 +110,26 @@ class Method(optax.GradientTransformationExtraArgs):
 
 
 def _flatten_method(method):
-  return (method.init, method.update), (method.parts, method.single)
+  return (method.init, method.update), (method.parts, method.single,
+                                        method.diagnostics)
 
 
 def _unflatten_method(aux, children):
   method = Method(*children)
-  method.parts, method.single = aux
+  method.parts, method.single, method.diagnostics = aux
   return method
+
+
+class DiagnosedState(NamedTuple):
+  """State of a method built with :func:`with_diagnostics`.
+
+  Attributes:
+    method_state: the method's own state (``task_weights`` included).
+    conflict: the :class:`~optax_mtl.ConflictDiagnostics` of the last step's
+      task gradients.
+  """
+  method_state: Any
+  conflict: diagnostics_lib.ConflictDiagnostics
 
 
 # As a NamedTuple, a Method would be rebuilt from its two fields alone by any
@@ -184,6 +201,12 @@ def _run(members, states, num_tasks, stats, losses, kpis, extra):
   return scales, final, new_states, weights_out
 
 
+def _read_vectors(members, losses, kpis) -> list:
+  """The losses and KPIs some member reads (their finiteness decides a skip)."""
+  reads = frozenset().union(*(m.weighting.reads for m in members))
+  return [v for key, v in (("losses", losses), ("kpis", kpis)) if key in reads]
+
+
 def _split_states(parts, state, single):
   states = [state] if single else list(state)
   return [s for part, st in zip(parts, states) for s in part.unpack(st)]
@@ -204,7 +227,8 @@ def _name(parts, single):
   return "mtl.chain"
 
 
-def build(parts: Sequence[Part], *, single: bool) -> Method:
+def build(parts: Sequence[Part], *, single: bool,
+          diagnostics: bool = False) -> Method:
   """The transformation of ``parts``; ``single``: its state is the one part's.
 
   Args:
@@ -212,6 +236,8 @@ def build(parts: Sequence[Part], *, single: bool) -> Method:
     single: True for one public method (state = that part's state), False
       for :func:`chain` (state = the tuple of the parts' states, as
       ``optax.chain`` gives).
+    diagnostics: whether the state is wrapped in a :class:`DiagnosedState`
+      (see :func:`with_diagnostics`).
 
   Returns:
     A :class:`Method`.
@@ -220,11 +246,15 @@ def build(parts: Sequence[Part], *, single: bool) -> Method:
   name = _name(parts, single)
   _check_order(parts, name)
   members = _members(parts)
+  diagnosed_tasks = _diagnosed_tasks(members, name) if diagnostics else None
 
   def init_fn(params):
     del params
     states = [p.init() for p in parts]
-    return states[0] if single else tuple(states)
+    inner = states[0] if single else tuple(states)
+    if diagnostics:
+      return DiagnosedState(inner, diagnostics_lib.empty(diagnosed_tasks))
+    return inner
 
   def update_fn(task_grads, state, params=None, *, losses=None, **kwargs):
     expected = validation.expected_tasks(losses, name)
@@ -233,9 +263,13 @@ def build(parts: Sequence[Part], *, single: bool) -> Method:
     losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
     masks = [masking.resolve_shared(m.mask, task_grads, params, m.weighting.name)
              for m in members]
-    stats = _statistics(members, masks, task_grads)
-    states = _split_states(parts, state, single)
-    scales, final, states, weights = _run(members, states, num_tasks, stats,
+    stats, raw = _statistics(members, masks, task_grads,
+                             masks[-1] if diagnostics else None)
+    outer = state
+    if diagnostics:
+      state = _unwrap(state, name)
+    old_states = _split_states(parts, state, single)
+    scales, final, states, weights = _run(members, old_states, num_tasks, stats,
                                           losses, kpis, extra)
     last = members[-1]
     if last.kind == AGGREGATOR:
@@ -246,29 +280,68 @@ def build(parts: Sequence[Part], *, single: bool) -> Method:
       else:
         last_state = states[-1]
         updates = combine_lib.reduce_tasks(
-            lambda leaf, index: last.weighting.per_coordinate(
-                leaf, last_state, index),
+            lambda leaf, index: finite.poison_unless_finite(
+                leaf, last.weighting.per_coordinate(leaf, last_state, index)),
             shared, task_grads, masks[-1], head_weights=scales)
     else:
       updates = combine_lib.scale_tasks(scales, task_grads)
-    return updates, _join_states(parts, states, weights, single)
+    conflict = diagnostics_lib.from_gramian(raw) if diagnostics else None
+    ok = finite.all_finite(updates, states, conflict,
+                           *_read_vectors(members, losses, kpis))
+    states = [finite.guard_state(ok, n, o) for n, o in zip(states, old_states)]
+    weights = [finite.zero_unless(ok, w) for w in weights]
+    new_state = _join_states(parts, states, weights, single)
+    if diagnostics:
+      new_state = DiagnosedState(
+          new_state, finite.keep_if(ok, conflict, outer.conflict))
+    return finite.zero_unless(ok, updates), new_state
 
   method = Method(init_fn, update_fn)
   method.parts = parts
   method.single = single
+  method.diagnostics = diagnostics
   return method
 
 
-def _statistics(members, masks, task_grads):
-  """One engine pass for every member's statistics; None where none is read."""
+def _diagnosed_tasks(members, name) -> int:
+  for m in members:
+    if m.weighting.num_tasks is not None:
+      return m.weighting.num_tasks
+  raise ValueError(
+      f"mtl.with_diagnostics({name}): the diagnostics in the state are [T] "
+      f"and [T, T] arrays, so T must be known at init: build the method with "
+      f"num_tasks=T (e.g. mtl.mgda(num_tasks=3)).")
+
+
+def _unwrap(state, name):
+  if not isinstance(state, DiagnosedState):
+    raise TypeError(
+        f"{name} was built with mtl.with_diagnostics, so its state is a "
+        f"DiagnosedState; got {type(state).__name__}. Pass the state "
+        f"returned by tx.init(params) (or by the previous update).")
+  return state.method_state
+
+
+def _statistics(members, masks, task_grads, diagnosed=None):
+  """One engine pass for every member's statistics; None where none is read.
+
+  ``diagnosed``: a mask whose raw Gramian is wanted too (for the
+  diagnostics); it shares the pass, and costs nothing more when a member
+  already reads the Gramian of those leaves.
+
+  Returns:
+    ``(per-member (gramian, norms) or None, the diagnosed Gramian or None)``.
+  """
   wanted = {}
   for member, mask in zip(members, masks):
     kind = member.weighting.statistics
     if kind is not None:
       key = tuple(jax.tree.leaves(mask))
       wanted[key] = wanted.get(key, False) or kind == "gramian"
+  if diagnosed is not None:
+    wanted[tuple(jax.tree.leaves(diagnosed))] = True
   if not wanted:
-    return [None] * len(members)
+    return [None] * len(members), None
   keys = list(wanted)
   results = statistics.task_statistics(
       task_grads, [statistics.Request(k, wanted[k]) for k in keys])
@@ -281,7 +354,8 @@ def _statistics(members, masks, task_grads):
     result = by_key[tuple(jax.tree.leaves(mask))]
     gram = result.gramian if member.weighting.statistics == "gramian" else None
     out.append((gram, result.norms))
-  return out
+  raw = None if diagnosed is None else by_key[tuple(jax.tree.leaves(diagnosed))].gramian
+  return out, raw
 
 
 def aggregator(weighting: weighting_lib.Weighting, *,
@@ -320,6 +394,17 @@ def task_scaling(weighting: weighting_lib.Weighting, *,
 
 
 def _single_member(tx, name, position):
+  if getattr(tx, "keeps_gradient_memory", False):
+    raise TypeError(
+        f"{name}: argument {position} ({tx.name}) keeps a memory of each "
+        f"task's gradient in its state, which mtl.chain cannot fuse. Compose "
+        f"it with optax.chain instead: optax.chain(task scalings..., "
+        f"{tx.name}(...), optimizer).")
+  if isinstance(tx, Method) and tx.diagnostics:
+    raise TypeError(
+        f"{name}: argument {position} was built with mtl.with_diagnostics; "
+        f"apply it to the whole chain instead: "
+        f"mtl.with_diagnostics(mtl.chain(...)).")
   if not isinstance(tx, Method) or not tx.single or len(tx.parts) != 1:
     raise TypeError(
         f"{name}: argument {position} is not a method of optax_mtl built by "
@@ -363,6 +448,53 @@ def chain(*transformations: Method) -> Method:
   return build(parts, single=False)
 
 
+def with_diagnostics(tx: Method) -> Method:
+  """The same method, keeping the conflict diagnostics of each step in its state.
+
+  The state becomes ``DiagnosedState(method_state, conflict)``: the method's
+  own state and the :class:`~optax_mtl.ConflictDiagnostics` of the task
+  gradients of the last step (norms, cosines, conflict fraction, most
+  conflicting pair, norm ratio), over the leaves the last member reads (an
+  aggregator's ``shared=`` leaves). ``optax.tree.get(state, "task_cosines")``
+  or ``"task_weights"`` finds them inside an optimizer's chained state. The
+  update is unchanged. A method that reads the Gramian of those leaves
+  already (MGDA, UPGrad, PCGrad...) pays only T x T arithmetic; any other
+  gets the Gramian in the same statistics pass as the norms it reads, or in
+  one pass of its own (one contraction per leaf).
+
+  Args:
+    tx: a method of this library built with ``num_tasks=T`` (an aggregator,
+      a task scaling, an alias or an ``mtl.chain``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    TypeError: ``tx`` is not a method of this library, or already keeps
+      diagnostics.
+    ValueError: T is unknown (no ``num_tasks=``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_mtl as mtl
+    >>> tx = optax.chain(mtl.with_diagnostics(mtl.mgda(num_tasks=2)), optax.sgd(0.1))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> grads = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+    >>> _, state = tx.update(grads, tx.init(params), params)
+    >>> round(float(optax.tree.get(state, "most_conflicting_cosine")), 4)
+    -0.7071
+  """
+  if not isinstance(tx, Method) or getattr(tx, "keeps_gradient_memory", False):
+    raise TypeError(
+        f"mtl.with_diagnostics: expected a method of optax_mtl built on the "
+        f"weighting core (such as mtl.mgda(num_tasks=T) or an mtl.chain), got "
+        f"{type(tx).__name__}. Apply it before chaining the optimizer: "
+        f"optax.chain(mtl.with_diagnostics(method), optax.adam(...)).")
+  if tx.diagnostics:
+    raise TypeError("mtl.with_diagnostics: this method keeps diagnostics "
+                    "already; apply it once.")
+  return build(tx.parts, single=tx.single, diagnostics=True)
+
+
 def alias(scaling: Method, tail: weighting_lib.Weighting,
           shared: masking.SharedMask) -> Method:
   """A task scaling followed by a fixed aggregator, with the scaling's state.
@@ -397,6 +529,12 @@ class Weights(NamedTuple):
 
 
 def method_members(tx, name) -> list:
+  if getattr(tx, "keeps_gradient_memory", False):
+    raise TypeError(
+        f"{name}: {tx.name} keeps a memory of each task's gradient, which "
+        f"only the per-task gradients can update. Use the stacked path: "
+        f"losses, task_grads = mtl.value_and_jacobian(loss_fn)(params, ...), "
+        f"then tx.update(task_grads, state, params, losses=losses).")
   if not isinstance(tx, Method):
     raise TypeError(
         f"{name}: the method must be one of optax_mtl's (an aggregator such "
@@ -473,6 +611,16 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
           f"leaves (layer= or shared=); on this path every member reads the "
           f"same Gramian. Build it without its own mask, or use the stacked "
           f"path.")
+  conflict = None
+  if tx.diagnostics:
+    state = _unwrap(state, name)
+    if grams[-1] is None or grams[-1].gramian is None:
+      raise ValueError(
+          f"{name}: the method keeps diagnostics (mtl.with_diagnostics), "
+          f"which read the Gramian of the task gradients; this path does not "
+          f"compute it. Use value_and_gramian_grad, the representation path "
+          f"or the stacked path (mtl.value_and_jacobian, then tx.update).")
+    conflict = diagnostics_lib.from_gramian(grams[-1].gramian)
   _check_tasks(members, num_tasks)
   losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
   stats = [None if m.weighting.statistics is None else
@@ -486,7 +634,29 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
     shared = heads
   else:
     shared = final if scales is None else scales * final
-  return Weights(shared, heads), _join_states(tx.parts, states, weights, tx.single)
+  new_state = _join_states(tx.parts, states, weights, tx.single)
+  if conflict is not None:
+    new_state = DiagnosedState(new_state, conflict)
+  return Weights(shared, heads), new_state
+
+
+def skip_if_not_finite(tx: Method, updates: Any, old_state: Any,
+                       new_state: Any, losses: Any, kwargs: dict,
+                       name: str) -> tuple[Any, Any]:
+  """A gradient path's step under the non-finite policy of :mod:`.finite`.
+
+  A path that combines the gradients itself applies the policy of
+  ``update``: if its result, the new state or the losses or KPIs the method
+  reads hold a NaN or inf, the update is zero and the state is the old one
+  (``task_weights`` zeroed).
+
+  Returns:
+    ``(updates, state)`` after the policy.
+  """
+  members = method_members(tx, name)
+  vectors = _read_vectors(members, losses, kwargs.get("kpis"))
+  ok = finite.all_finite(updates, new_state, *vectors)
+  return finite.zero_unless(ok, updates), finite.guard_state(ok, new_state, old_state)
 
 
 def weights_from_losses(tx: Method, state: Any, losses: jax.Array, kwargs: dict,

@@ -66,7 +66,8 @@ class WeightsState(NamedTuple):
   """State of a method that keeps nothing but the weights it applied.
 
   Attributes:
-    task_weights: [T] float32 weights of the last update; None when the
+    task_weights: [T] weights of the last update (float32; float64 under
+      ``jax_enable_x64``); None when the
       method was built without ``num_tasks`` (``init`` only sees the
       parameters, so T is unknown there).
   """
@@ -81,7 +82,9 @@ def initial_weights(num_tasks: int | None, value: Any = 1.0) -> jax.Array | None
   """
   if num_tasks is None:
     return None
-  return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (num_tasks,))
+  # float64 under jax_enable_x64: the weights of float64 gradients at 1e-150
+  # (about 1e150) are not representable in float32.
+  return jnp.broadcast_to(jnp.asarray(value, jnp.result_type(float)), (num_tasks,))
 
 
 Rule = Callable[[TaskInputs, Any], "tuple[jax.Array, Any]"]

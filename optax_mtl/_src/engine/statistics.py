@@ -17,6 +17,8 @@ when needed, also under ``vmap`` (see :func:`any_in_batch`).
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -212,6 +214,13 @@ def task_statistics(task_grads: Any, requests: Sequence[Request]) -> list[Statis
   Returns:
     One :class:`Statistics` per request, in order.
   """
+  return list(_task_statistics(task_grads, tuple(requests)))
+
+
+# Compiled once per structure: eagerly, the rescue cond's branches are new
+# closures at every call and would otherwise be traced and compiled anew.
+@functools.partial(jax.jit, static_argnums=1)
+def _task_statistics(task_grads: Any, requests: tuple) -> list[Statistics]:
   leaves = jax.tree.leaves(task_grads)
   dtype = accumulation_dtype(leaves)
   tiny = _TINY_SQUARED_NORM[dtype]

@@ -267,8 +267,11 @@ def _weights(method, state, lin, values, single, chunk_size, losses, kwargs):
   """The method's weights and new state, from the Gramians its members read."""
   members = transform.method_members(method, _NAME)
   num_tasks = losses.shape[0]
-  masks = [None if m.weighting.statistics is None else
-           _mask_leaves(m.mask, values, single, m.weighting.name) for m in members]
+  # With diagnostics the last member's Gramian is wanted even if it reads none.
+  masks = [None if m.weighting.statistics is None and not (
+      method.diagnostics and i == len(members) - 1) else
+           _mask_leaves(m.mask, values, single, m.weighting.name)
+           for i, m in enumerate(members)]
   sets = list(dict.fromkeys(mask for mask in masks if mask is not None))
   grams = dict(zip(sets, _gramians(lin, sets, chunk_size))) if sets else {}
   # Each member reads the Gramian of its own leaves, as on the stacked path.
@@ -384,6 +387,8 @@ def value_and_gramian_grad(
       both = jax.vmap(lin.vjp)(jnp.stack([weights.shared, weights.heads]))
       leaves = [l[0] if m else l[1] for l, m in zip(both, mask)]
     grads = jax.tree.unflatten(jax.tree.structure(call.values), leaves)
+    grads, new_state = transform.skip_if_not_finite(
+        method, grads, state, new_state, losses, dict(method_args or {}), _NAME)
     aux, new_rest = lin.aux
     call.write_back(new_rest)
     value = (losses, aux) if has_aux else losses

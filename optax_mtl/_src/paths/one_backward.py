@@ -54,7 +54,10 @@ def loss_weights(
 
   Returns:
     ``(weights, new_state)``: [T] float32 weights and the state that
-    ``weighting.update`` would have returned.
+    ``weighting.update`` would have returned. When a loss (or a KPI the
+    method reads) is NaN or inf, the weights are zero and the state is the
+    old one; the gradient of such a loss is the caller's to reject (e.g.
+    with ``optax.apply_if_finite``), since it never passes through here.
 
   Raises:
     TypeError: ``weighting`` is not a method of this library.
@@ -71,6 +74,8 @@ def loss_weights(
   vector = jax.lax.stop_gradient(_vector(losses, _NAME))
   weights, new_state = transform.weights_from_losses(weighting, state, vector,
                                                      extra, _NAME)
+  weights, new_state = transform.skip_if_not_finite(
+      weighting, weights, state, new_state, vector, extra, _NAME)
   return jax.lax.stop_gradient(weights.astype(jnp.float32)), new_state
 
 
@@ -164,6 +169,9 @@ def value_and_weighted_grad(
     weights, new_state = loss_weights(weighting, weighting_state, losses,
                                       **(weighting_args or {}))
     (grads,) = vjp_fn(weights.astype(losses.dtype))
+    grads, new_state = transform.skip_if_not_finite(
+        weighting, grads, weighting_state, new_state, losses,
+        dict(weighting_args or {}), name)
     call.write_back(new_rest)
     value = (losses, aux) if has_aux else losses
     return value, (grads[0] if single else tuple(grads)), new_state

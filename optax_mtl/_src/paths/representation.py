@@ -43,7 +43,7 @@ def _check_method(method) -> str | None:
           f"task-specific ones. Build it without shared=.")
     if member.weighting.statistics is not None:
       kinds.add(member.weighting.statistics)
-  if "gramian" in kinds:
+  if "gramian" in kinds or method.diagnostics:
     return "gramian"
   return "norms" if kinds else None
 
@@ -230,6 +230,9 @@ def value_and_representation_grad(
       cotangent = combine_lib.combine(weights.shared, feature_grads)
     ((head_grads, _),) = heads_vjp(weights.heads.astype(losses.dtype))
     (encoder_grads,) = encoder_vjp(cotangent)
+    (encoder_grads, head_grads), new_state = transform.skip_if_not_finite(
+        method, (encoder_grads, head_grads), method_state, new_state, losses,
+        dict(method_args or {}), _NAME)
     forward.write_back(encoder_rest)
     call.write_back(heads_rest)
     value = (losses, aux) if has_aux else losses

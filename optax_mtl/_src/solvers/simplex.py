@@ -222,3 +222,27 @@ def newton_polish(
   for _ in range(steps):
     weights = one(weights)
   return weights
+
+
+def project(values: jax.Array) -> jax.Array:
+  """Euclidean projection onto the probability simplex, without sorting.
+
+  ``argmin_{w in simplex} ||w - v||`` is ``max(v - theta, 0)`` with the
+  threshold ``theta = max_k (sum_{i <= k} u_i - 1) / k`` over the prefixes
+  of ``u``, ``v`` sorted in decreasing order (Held, Wolfe & Crowder 1974;
+  Wang & Carreira-Perpinan 2013). The prefixes are the sets ``{i : v_i >=
+  v_j}``, so ``theta`` is read from a [T, T] comparison: no sort, whose
+  kernel would dominate a T x T loop body on an accelerator. The sums are
+  elementwise (no matmul, so no reduced-precision TF32 path on GPUs).
+
+  Args:
+    values: [T] real vector.
+
+  Returns:
+    [T] weights, non-negative and summing to 1 (up to rounding).
+  """
+  above = values[None, :] >= values[:, None]  # row j: the i with v_i >= v_j
+  sums = jnp.sum(jnp.where(above, values[None, :], 0.0), axis=1)
+  counts = jnp.sum(above, axis=1).astype(values.dtype)
+  theta = jnp.max((sums - 1.0) / counts)
+  return jnp.maximum(values - theta, 0.0)

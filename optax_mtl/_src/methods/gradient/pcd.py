@@ -30,7 +30,8 @@ class PCDState(NamedTuple):
       (not bias-corrected) in units of ``norm_scale**2``: the EMA itself is
       ``norm_scale**2 * sq_norm_ema``, kept apart so that gradients of norm
       1e20 do not overflow float32.
-    norm_scale: float32 scalar, the largest task-gradient norm seen so far.
+    norm_scale: scalar, the largest task-gradient norm seen so far (float32;
+      float64 under ``jax_enable_x64``).
     count: int32 number of updates (for the bias correction).
     feasible: bool scalar, whether the last update's constraints could be
       met together (False: the update was ``g_0`` itself).
@@ -89,17 +90,22 @@ def _normalised_gramian(normalized, scale, sq_norm_ema, norm_scale, count, beta,
   """The Gramian of the h_t up to a common factor, and the updated EMA."""
   beta = jnp.asarray(beta, jnp.float32)
   normalized = jnp.asarray(normalized, jnp.float32)
-  scale = jnp.asarray(scale, jnp.float32)
+  # The norms stay in the statistics' dtype (float64 under x64: a norm of
+  # 1e150 is not a float32); only their ratios, <= 1, become float32.
+  wide = jnp.result_type(scale, norm_scale)
+  scale, norm_scale = jnp.asarray(scale, wide), jnp.asarray(norm_scale, wide)
   unit_sq = jnp.maximum(jnp.diagonal(normalized), 0.0)  # (||g_t|| / scale)^2
   # The EMA in units of the largest norm seen: both ratios are <= 1.
   reference = jnp.maximum(norm_scale, scale)
   safe = jnp.where(reference > 0, reference, 1.0)
-  ema = (beta * sq_norm_ema * (norm_scale / safe) ** 2
-         + (1.0 - beta) * (scale / safe) ** 2 * unit_sq)
+  old_ratio = (norm_scale / safe).astype(jnp.float32)
+  new_ratio = (scale / safe).astype(jnp.float32)
+  ema = (beta * sq_norm_ema * old_ratio ** 2
+         + (1.0 - beta) * new_ratio ** 2 * unit_sq)
   corrected = ema / (1.0 - beta ** count.astype(jnp.float32))
   # log(v_t + eps) with v_t = reference^2 corrected_t, in range at any scale.
   positive = (corrected > 0) & (reference > 0)
-  log_v = jnp.where(positive, 2.0 * jnp.log(safe)
+  log_v = jnp.where(positive, 2.0 * jnp.log(safe).astype(jnp.float32)
                     + jnp.log(jnp.where(positive, corrected, 1.0)), -jnp.inf)
   log_denominator = jnp.logaddexp(log_v, jnp.log(jnp.asarray(eps, jnp.float32)))
   # ||h_t|| up to a common factor (the problem is homogeneous in the h's).
@@ -220,7 +226,8 @@ def pcd(
 
   def init(num):
     return PCDState(weighting.initial_weights(num),
-                    jnp.zeros((num,), jnp.float32), jnp.zeros((), jnp.float32),
+                    jnp.zeros((num,), jnp.float32),
+                    jnp.zeros((), jnp.result_type(float)),
                     jnp.zeros((), jnp.int32), jnp.array(True),
                     jnp.zeros((), jnp.float32))
 
