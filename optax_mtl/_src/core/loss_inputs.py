@@ -1,18 +1,23 @@
 """Guards on the losses and KPIs that methods divide by or take logarithms of.
 
 Losses enter logarithms and divisions, so every method here reads them through
-:func:`positive_losses`: concrete values (outside ``jit``) that are zero,
-negative or non-finite raise a ValueError naming the task; traced values are
-clamped to ``[LOSS_FLOOR, LOSS_CEILING]`` (NaN counts as the ceiling, so a task
-whose loss is undefined gets a vanishing weight instead of poisoning the
-update or the state).
+:func:`positive_losses`: concrete values (outside ``jit``) that are zero or
+negative raise a ValueError naming the task; traced values are clamped to
+``[LOSS_FLOOR, LOSS_CEILING]``. A NaN or inf loss makes the core skip the step
+(:mod:`optax_mtl._src.core.finite`); it is only clamped here, so that the
+arithmetic of the skipped step stays finite. Scalarisations, which take the
+losses as they are, read them through :func:`finite_losses`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from optax_mtl._src.engine import hyperparams
 
 LOSS_FLOOR = 1e-12
 LOSS_CEILING = 1e30
@@ -76,3 +81,39 @@ def kpis_in_unit_interval(kpis: jax.Array, method: str) -> jax.Array:
           f"clamped to [{KPI_FLOOR:g}, 1] instead.)")
   clean = jnp.where(jnp.isnan(kpis), KPI_FLOOR, kpis)
   return jnp.clip(clean, KPI_FLOOR, 1.0)
+
+
+def finite_losses(losses: jax.Array) -> jax.Array:
+  """The losses with NaN and inf clamped to +-LOSS_CEILING.
+
+  A step with a non-finite loss is skipped by the core (zero update, state
+  kept; see :mod:`optax_mtl._src.core.finite`); the clamp only keeps the
+  arithmetic of that step free of NaN.
+  """
+  clean = jnp.where(jnp.isnan(losses), LOSS_CEILING, losses)
+  return jnp.clip(clean, -LOSS_CEILING, LOSS_CEILING)
+
+
+def preference(value: Any, method: str) -> jax.Array:
+  """A [T] preference over the tasks, validated: nonnegative, one entry > 0.
+
+  Raises:
+    ValueError: a negative entry, or none positive (when concrete).
+  """
+  vector = hyperparams.weight_vector(value, method, "preference")
+  hyperparams.nonnegative(value, method, "preference")
+  values = hyperparams.concrete(value)
+  if values is not None and not np.any(values > 0):
+    raise ValueError(f"{method}: preference must have a positive entry (it "
+                     f"weights the tasks), got {values.tolist()}.")
+  return vector
+
+
+def unit_and_norm(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(v / ||v||, ||v||)`` without squaring v (no overflow at 1e30); 0 for v = 0."""
+  largest = jnp.max(jnp.abs(v))
+  safe = jnp.where(largest > 0, largest, 1.0)
+  scaled = v / safe
+  norm = jnp.sqrt(jnp.sum(scaled * scaled))
+  unit = jnp.where(norm > 0, scaled / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return unit, largest * norm

@@ -38,42 +38,16 @@ class COSMOSState(NamedTuple):
   key: jax.Array
 
 
-def _finite_losses(losses: jax.Array) -> jax.Array:
-  """The losses with NaN and inf clamped to +-1e30, so the rule stays finite.
-
-  A step with a non-finite loss is skipped by the core (zero update, state
-  kept; see :mod:`optax_mtl._src.core.finite`); the clamp only keeps the
-  arithmetic of that step free of NaN.
-  """
-  clean = jnp.where(jnp.isnan(losses), loss_inputs.LOSS_CEILING, losses)
-  return jnp.clip(clean, -loss_inputs.LOSS_CEILING, loss_inputs.LOSS_CEILING)
-
-
 def _preference(preference: Any, size: int) -> jax.Array | None:
   """The fixed [T] preference after validation, or None (drawn per step)."""
   if preference is None:
     return None
-  vector = hyperparams.weight_vector(preference, _METHOD, "preference")
-  hyperparams.nonnegative(preference, _METHOD, "preference")
-  values = hyperparams.concrete(preference)
-  if values is not None and not np.any(values > 0):
-    raise ValueError(f"{_METHOD}: preference must have a positive entry (it "
-                     f"weights the tasks), got {values.tolist()}.")
+  vector = loss_inputs.preference(preference, _METHOD)
   if vector.shape[0] != size:
     raise ValueError(f"{_METHOD}: num_tasks={size} but preference has "
                      f"{vector.shape[0]} entries; pass one preference per "
                      f"task.")
   return vector
-
-
-def _unit(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(v / ||v||, ||v||)`` without squaring v (no overflow at 1e30); 0 for v = 0."""
-  largest = jnp.max(jnp.abs(v))
-  safe = jnp.where(largest > 0, largest, 1.0)
-  scaled = v / safe
-  norm = jnp.sqrt(jnp.sum(scaled * scaled))
-  unit = jnp.where(norm > 0, scaled / jnp.where(norm > 0, norm, 1.0), 0.0)
-  return unit, largest * norm
 
 
 def cosmos_weights(losses: jax.Array, preference: jax.Array, lam) -> jax.Array:
@@ -88,8 +62,8 @@ def cosmos_weights(losses: jax.Array, preference: jax.Array, lam) -> jax.Array:
     [T] float32 ``r - lam (r_hat - cos(r, L) L_hat) / ||L||`` (``r`` where
     ``||L|| <= 1e-30``), bounded by 1e30.
   """
-  r_hat, _ = _unit(preference)
-  l_hat, norm = _unit(losses)
+  r_hat, _ = loss_inputs.unit_and_norm(preference)
+  l_hat, norm = loss_inputs.unit_and_norm(losses)
   cosine = jnp.dot(r_hat, l_hat)
   large = norm > _TINY_NORM
   derivative = jnp.where(large, (r_hat - cosine * l_hat)
@@ -190,7 +164,7 @@ def scale_by_cosmos(
                        jax.random.key_data(key))
 
   def rule(inputs, state):
-    losses = _finite_losses(inputs.losses)
+    losses = loss_inputs.finite_losses(inputs.losses)
     weights = cosmos_weights(losses, state.preference, lam)
     if vector is None:
       key, sample = jax.random.split(jax.random.wrap_key_data(state.key))

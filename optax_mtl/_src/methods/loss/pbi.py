@@ -22,43 +22,17 @@ _METHOD = "mtl.scale_by_pbi"
 _RAY_ULPS = 4.0
 
 
-def _finite_losses(losses: jax.Array) -> jax.Array:
-  """The losses with NaN and inf clamped to +-1e30, so the rule stays finite.
-
-  A step with a non-finite loss is skipped by the core (zero update, state
-  kept; see :mod:`optax_mtl._src.core.finite`); the clamp only keeps the
-  arithmetic of that step free of NaN.
-  """
-  clean = jnp.where(jnp.isnan(losses), loss_inputs.LOSS_CEILING, losses)
-  return jnp.clip(clean, -loss_inputs.LOSS_CEILING, loss_inputs.LOSS_CEILING)
-
-
 def _preference(preference: Any, num_tasks: int | None):
   """``(vector or None, T or None, tasks_argument)`` after validation."""
   if preference is None:
     return None, hyperparams.num_tasks(num_tasks, _METHOD, required=False), "num_tasks"
-  vector = hyperparams.weight_vector(preference, _METHOD, "preference")
-  hyperparams.nonnegative(preference, _METHOD, "preference")
-  values = hyperparams.concrete(preference)
-  if values is not None and not np.any(values > 0):
-    raise ValueError(f"{_METHOD}: preference must have a positive entry (it "
-                     f"is the direction of the ray), got {values.tolist()}.")
+  vector = loss_inputs.preference(preference, _METHOD)
   size = vector.shape[0]
   if num_tasks is not None and hyperparams.num_tasks(num_tasks, _METHOD) != size:
     raise ValueError(f"{_METHOD}: num_tasks={num_tasks} but preference has "
                      f"{size} entries; pass one preference per task (or omit "
                      f"num_tasks).")
   return vector, size, "len(preference)"
-
-
-def _unit(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(v / ||v||, ||v||)`` without squaring v (no overflow at 1e30); 0 for v = 0."""
-  largest = jnp.max(jnp.abs(v))
-  safe = jnp.where(largest > 0, largest, 1.0)
-  scaled = v / safe
-  norm = jnp.sqrt(jnp.sum(scaled * scaled))
-  unit = jnp.where(norm > 0, scaled / jnp.where(norm > 0, norm, 1.0), 0.0)
-  return unit, largest * norm
 
 
 def pbi_weights(losses: jax.Array, direction: jax.Array, theta) -> jax.Array:
@@ -72,10 +46,10 @@ def pbi_weights(losses: jax.Array, direction: jax.Array, theta) -> jax.Array:
   Returns:
     [T] float32 ``r + theta * (L - d1 r) / d2`` (``r`` alone on the ray).
   """
-  r, _ = _unit(direction)
+  r, _ = loss_inputs.unit_and_norm(direction)
   d1 = jnp.dot(losses, r)
-  perp, d2 = _unit(losses - d1 * r)
-  _, size = _unit(losses)
+  perp, d2 = loss_inputs.unit_and_norm(losses - d1 * r)
+  _, size = loss_inputs.unit_and_norm(losses)
   eps = jnp.finfo(jnp.float32).eps
   on_ray = d2 <= _RAY_ULPS * losses.shape[0] * eps * size
   return r + theta * jnp.where(on_ray, 0.0, perp)
@@ -148,7 +122,7 @@ def scale_by_pbi(
   vector, size, argument = _preference(preference, num_tasks)
 
   def rule(inputs, state):
-    losses = _finite_losses(inputs.losses)
+    losses = loss_inputs.finite_losses(inputs.losses)
     direction = jnp.ones_like(losses) if vector is None else vector
     return pbi_weights(losses, direction, theta), state
 

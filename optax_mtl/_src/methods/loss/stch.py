@@ -35,27 +35,11 @@ class STCHState(NamedTuple):
   count: jax.Array
 
 
-def _finite_losses(losses: jax.Array) -> jax.Array:
-  """The losses with NaN and inf clamped to +-1e30, so the rule stays finite.
-
-  A step with a non-finite loss is skipped by the core (zero update, state
-  kept; see :mod:`optax_mtl._src.core.finite`); the clamp only keeps the
-  arithmetic of that step free of NaN.
-  """
-  clean = jnp.where(jnp.isnan(losses), loss_inputs.LOSS_CEILING, losses)
-  return jnp.clip(clean, -loss_inputs.LOSS_CEILING, loss_inputs.LOSS_CEILING)
-
-
 def _preference(preference: Any, size: int) -> jax.Array | None:
   """The [T] preference after validation, or None for the default (ones)."""
   if preference is None:
     return None
-  vector = hyperparams.weight_vector(preference, _METHOD, "preference")
-  hyperparams.nonnegative(preference, _METHOD, "preference")
-  values = hyperparams.concrete(preference)
-  if values is not None and not np.any(values > 0):
-    raise ValueError(f"{_METHOD}: preference must have a positive entry (it "
-                     f"weights the tasks), got {values.tolist()}.")
+  vector = loss_inputs.preference(preference, _METHOD)
   if vector.shape[0] != size:
     raise ValueError(f"{_METHOD}: num_tasks={size} but preference has "
                      f"{vector.shape[0]} entries; pass one preference per "
@@ -139,7 +123,7 @@ def scale_by_stch(
                      jnp.zeros((num,), jnp.float32), jnp.zeros((), jnp.int32))
 
   def rule(inputs, state):
-    losses = _finite_losses(inputs.losses)
+    losses = loss_inputs.finite_losses(inputs.losses)
     p = jnp.ones_like(losses) if vector is None else vector
     warming = state.count < warmup
     seen = jnp.where(state.count == 0, losses,
