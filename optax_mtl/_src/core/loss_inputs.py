@@ -94,11 +94,12 @@ def finite_losses(losses: jax.Array) -> jax.Array:
   return jnp.clip(clean, -LOSS_CEILING, LOSS_CEILING)
 
 
-def preference(value: Any, method: str) -> jax.Array:
+def preference(value: Any, method: str, num_tasks: int | None = None) -> jax.Array:
   """A [T] preference over the tasks, validated: nonnegative, one entry > 0.
 
   Raises:
-    ValueError: a negative entry, or none positive (when concrete).
+    ValueError: a negative entry, none positive (when concrete), or a length
+      other than ``num_tasks`` when it is given.
   """
   vector = hyperparams.weight_vector(value, method, "preference")
   hyperparams.nonnegative(value, method, "preference")
@@ -106,6 +107,10 @@ def preference(value: Any, method: str) -> jax.Array:
   if values is not None and not np.any(values > 0):
     raise ValueError(f"{method}: preference must have a positive entry (it "
                      f"weights the tasks), got {values.tolist()}.")
+  if num_tasks is not None and vector.shape[0] != num_tasks:
+    raise ValueError(f"{method}: num_tasks={num_tasks} but preference has "
+                     f"{vector.shape[0]} entries; pass one preference per "
+                     f"task.")
   return vector
 
 

@@ -38,18 +38,6 @@ class COSMOSState(NamedTuple):
   key: jax.Array
 
 
-def _preference(preference: Any, size: int) -> jax.Array | None:
-  """The fixed [T] preference after validation, or None (drawn per step)."""
-  if preference is None:
-    return None
-  vector = loss_inputs.preference(preference, _METHOD)
-  if vector.shape[0] != size:
-    raise ValueError(f"{_METHOD}: num_tasks={size} but preference has "
-                     f"{vector.shape[0]} entries; pass one preference per "
-                     f"task.")
-  return vector
-
-
 def cosmos_weights(losses: jax.Array, preference: jax.Array, lam) -> jax.Array:
   """The derivative of COSMOS's objective with respect to the losses.
 
@@ -151,7 +139,8 @@ def scale_by_cosmos(
   lam = jnp.asarray(hyperparams.nonnegative(lam, _METHOD, "lam"), jnp.float32)
   alpha = jnp.asarray(hyperparams.positive(alpha, _METHOD, "alpha"), jnp.float32)
   hyperparams.seed(seed, _METHOD)
-  vector = _preference(preference, size)
+  vector = (None if preference is None else
+      loss_inputs.preference(preference, _METHOD, size))
 
   def draw(key, num):
     return jax.random.dirichlet(key, jnp.broadcast_to(alpha, (num,)),

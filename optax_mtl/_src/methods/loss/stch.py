@@ -35,18 +35,6 @@ class STCHState(NamedTuple):
   count: jax.Array
 
 
-def _preference(preference: Any, size: int) -> jax.Array | None:
-  """The [T] preference after validation, or None for the default (ones)."""
-  if preference is None:
-    return None
-  vector = loss_inputs.preference(preference, _METHOD)
-  if vector.shape[0] != size:
-    raise ValueError(f"{_METHOD}: num_tasks={size} but preference has "
-                     f"{vector.shape[0]} entries; pass one preference per "
-                     f"task.")
-  return vector
-
-
 def scale_by_stch(
     mu: Any = 1.0,
     preference: Any = None,
@@ -116,7 +104,8 @@ def scale_by_stch(
   mu = jnp.asarray(hyperparams.positive(mu, _METHOD, "mu"), jnp.float32)
   hyperparams.integer(warmup_steps, _METHOD, "warmup_steps", low=0)
   warmup = jnp.asarray(warmup_steps, jnp.int32)
-  vector = _preference(preference, size)
+  vector = (None if preference is None else
+      loss_inputs.preference(preference, _METHOD, size))
 
   def init(num):
     return STCHState(weighting.initial_weights(num),
