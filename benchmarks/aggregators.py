@@ -65,12 +65,28 @@ def methods(num_tasks):
       "nash_mtl": mtl.nash_mtl(num_tasks=num_tasks),
       "fairgrad": mtl.fairgrad(),
       "gradvac": mtl.gradvac(num_tasks=num_tasks),
+      # One Gramian block, rule and combination weights per leaf (4 groups).
+      "pcgrad (layerwise)": mtl.layerwise(mtl.pcgrad(), groups="leaf"),
+      "gradvac (layerwise)": mtl.layerwise(mtl.gradvac(num_tasks=num_tasks), groups="leaf"),
+      "upgrad (layerwise)": mtl.layerwise(mtl.upgrad(), groups="leaf"),
       # Krum needs T >= 2 f + 3 (absent at T = 2); f = 1 where T allows.
       **({"krum": mtl.krum(min(1, (num_tasks - 3) // 2))} if num_tasks >= 3 else {}),
       "trimmed_mean": mtl.trimmed_mean(min(1, (num_tasks - 1) // 2)),
       "pcd": mtl.pcd(num_tasks=num_tasks),
       "cr_mogm(mgda)": mtl.cr_mogm(mtl.mgda(), num_tasks=num_tasks),
       "auxiliary": mtl.auxiliary(),
+      "graddrop": mtl.graddrop(),
+      # Gradient-memory methods: their state holds T gradient-sized copies.
+      "moco": mtl.moco(num_tasks=num_tasks),
+      "db_mtl": mtl.db_mtl(num_tasks=num_tasks),
+      "excess_mtl": mtl.excess_mtl(num_tasks=num_tasks),
+      # Two-batch methods, fed one batch read twice.
+      "sdmgrad": mtl.same_batch(mtl.sdmgrad(num_tasks=num_tasks)),
+      "modo": mtl.same_batch(mtl.modo(num_tasks=num_tasks)),
+      # Scalarisations read only the losses: the combination pass alone.
+      "stch": mtl.stch(num_tasks=num_tasks),
+      "pbi": mtl.pbi(),
+      "cosmos": mtl.cosmos(num_tasks=num_tasks),
       "gradnorm (scale + sum)": mtl.gradnorm(num_tasks=num_tasks),
       "normalize_gradients + sum": _chain_sum(mtl.normalize_gradients()),
       "normalize + mgda (mtl.chain)": mtl.chain(mtl.normalize_gradients(), mtl.mgda()),
@@ -160,6 +176,10 @@ def time_interleaved(calls, repeats):
 
   On a shared machine the load drifts over seconds; timing the rows of one
   case in alternation exposes each to the same drift, so their ratios hold.
+  Each timed call follows an untimed call of the same row: a call right
+  after one that wrote a gradient-sized copy (an ``optax.chain`` row) runs
+  about 25% slower on CPU (measured: the memory it needs was just returned
+  to the system), which would be charged to whichever row comes next.
   """
   for fn, args in calls.values():
     jax.block_until_ready(fn(*args))  # compile + warm-up
@@ -167,6 +187,7 @@ def time_interleaved(calls, repeats):
   times = {name: [] for name in calls}
   for _ in range(repeats):
     for name, (fn, args) in calls.items():
+      jax.block_until_ready(fn(*args))  # settle: see above
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
@@ -193,14 +214,19 @@ def bench_case(num_tasks, dim, repeats, names=None):
   # What the compiled programs read and write, in units of the gradients'
   # size (XLA's cost analysis): deterministic, unlike the timings.
   gradient_bytes = sum(g.size * g.dtype.itemsize for g in jax.tree.leaves(grads))
-  reads = {}
-  for name in {row for pair in CHAIN_PAIRS for row in pair[1:]}:
-    fn, args = calls[name]
-    cost = fn.lower(*args).compile().cost_analysis()
+  reads, memory = {}, {}
+  for name, (fn, args) in calls.items():
+    compiled = fn.lower(*args).compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     reads[name] = float(cost.get("bytes accessed", float("nan"))) / gradient_bytes
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(args[1]))
+    memory[name] = {
+        # Scratch the compiled call allocates, and the state it carries.
+        "temp": compiled.memory_analysis().temp_size_in_bytes / gradient_bytes,
+        "state": state_bytes / gradient_bytes}
   del grads, calls
-  return rows, reads
+  return rows, reads, memory
 
 
 def _solve(tx, num_tasks):
@@ -227,8 +253,8 @@ def bench_solves(num_tasks=10, repeats=50, names=None):
   for name, tx in selected_methods(num_tasks, names).items():
     if not isinstance(tx, mtl.Method) or len(tx.parts) != 1 or len(tx.parts[0].members) != 1:
       continue  # chains and aliases: their members are timed on their own
-    if "gramian" not in tx.reads:
-      continue
+    if "gramian" not in tx.reads or tx.parts[0].members[0].groups is not None:
+      continue  # per-group methods run the same rule, K times batched
     solves[name] = time_call(_solve(tx, num_tasks), gram, repeats=repeats)
   return solves
 
@@ -272,7 +298,7 @@ def main(argv=None):
   results = {"device": device.device_kind, "platform": kind, "quick": args.quick,
              "note": note, "cases": [], "solves_T10_ms": {}}
   for num_tasks, dim in cases:
-    rows, reads = bench_case(num_tasks, dim, repeats, names)
+    rows, reads, memory = bench_case(num_tasks, dim, repeats, names)
     floor = rows["sum (one read)"]
     entry = {"T": num_tasks, "d": dim,
              "ms": {k: 1e3 * v for k, v in rows.items()},
@@ -281,7 +307,8 @@ def main(argv=None):
                  pair: {"aggregator": alone, "mtl.chain": rows[fused] / rows[alone],
                         "optax.chain": rows[chained] / rows[alone]}
                  for pair, alone, fused, chained in CHAIN_PAIRS},
-             "bytes_accessed_per_gradient_bytes": reads}
+             "bytes_accessed_per_gradient_bytes": reads,
+             "memory_per_gradient_bytes": memory}
     results["cases"].append(entry)
     print(f"T={num_tasks} d={dim}: " + ", ".join(
         f"{k} {1e3 * v:.2f} ms ({v / floor:.2f}x)" for k, v in rows.items()), flush=True)
@@ -302,7 +329,7 @@ def main(argv=None):
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = f"aggregators_{kind}" + ("_quick" if args.quick else "")
-  (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+  (out / f"{stem}.json").write_text(json.dumps(results, separators=(",", ":")) + "\n")
   names = list(dict.fromkeys(n for e in results["cases"] for n in e["ms"]))
   lines = [f"# Aggregator time per call ({note})", "",
            "Milliseconds per jitted call (median), and the ratio to one read of "
@@ -314,6 +341,15 @@ def main(argv=None):
     cells = [f"{e['ms'][n]:.2f} ({e['ratio_to_one_read'][n]:.2f}x)"
              if n in e["ms"] else "-" for e in results["cases"]]
     lines.append(f"| {n} | " + " | ".join(cells) + " |")
+  last = results["cases"][-1]
+  lines += ["", f"## Memory per call (T = {last['T']}, d = {last['d']:,})", "",
+            "In units of the gradients' size: the scratch the compiled call "
+            "allocates (XLA's memory analysis) and the state it carries "
+            "between steps (a gradient-memory method keeps T gradient-sized "
+            "copies there; GradDrop's per-coordinate masks need scratch).", "",
+            "| method | scratch | state |", "|---|---|---|"]
+  for n, m in last["memory_per_gradient_bytes"].items():
+    lines.append(f"| {n} | {m['temp']:.2f} | {m['state']:.2f} |")
   lines += ["", "## Chain overhead", "",
             "Time of a task scaling chained with an aggregator over the time of the "
             "aggregator alone, in the same run: `mtl.chain` fuses them (one "

@@ -80,6 +80,9 @@ METHODS: tuple[Method, ...] = (
     Method("nash-mtl", lambda T: mtl.nash_mtl(num_tasks=T)),
     Method("fairgrad", lambda T: mtl.fairgrad()),
     Method("gradvac", lambda T: mtl.gradvac(num_tasks=T)),
+    # Per layer, as in the GradVac paper: one Gramian (and state) per layer.
+    Method("layerwise gradvac", lambda T: mtl.layerwise(mtl.gradvac(num_tasks=T))),
+    Method("layerwise pcgrad", lambda T: mtl.layerwise(mtl.pcgrad(seed=0))),
     Method("krum", lambda T: mtl.krum(0, num_tasks=T)),
     Method("trimmed mean", lambda T: mtl.trimmed_mean((T - 1) // 2)),
     Method("pcd", lambda T: mtl.pcd(num_tasks=T)),

@@ -35,6 +35,8 @@ Usage::
 
   python benchmarks/multidigits.py --quick    # 2 seeds, 400 steps
   python benchmarks/multidigits.py            # 3 seeds, 3,000 steps
+  python benchmarks/multidigits.py --merge --methods "layerwise gradvac"
+      # rerun one method, keep the others' results from the last full run
 
 References:
   Maninis, Radosavovic, Kokkinos. Attentive Single-Tasking of Multiple Tasks.
@@ -45,6 +47,7 @@ References:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 
@@ -259,9 +262,40 @@ def plot_conflict(rows: dict, path: str) -> None:
   plt.close(fig)
 
 
+def merge(path, settings, stl_metrics, results, skipped, order):
+  """The results of an earlier run with these settings, updated with ``results``.
+
+  Raises:
+    SystemExit: no earlier results file, other settings, or single-task
+      baselines that differ (then the earlier methods are not comparable).
+  """
+  if not os.path.exists(path):
+    raise SystemExit(f"--merge: no earlier results at {path}; run without --merge.")
+  with open(path) as f:
+    earlier = json.load(f)
+  old = {k: earlier["settings"].get(k) for k in settings}
+  if old != settings:
+    raise SystemExit(f"--merge: {path} was made with {old}, this run uses "
+                     f"{settings}; rerun every method without --merge.")
+  if not np.allclose(earlier["single_task"]["metrics"], stl_metrics, rtol=1e-4):
+    raise SystemExit("--merge: the single-task baselines differ from the earlier "
+                     "run's (another JAX version or machine?); rerun every method "
+                     "without --merge.")
+  combined = {**earlier["results"], **results}
+  dropped = {**earlier.get("skipped", {}), **skipped}
+  for label in results:
+    dropped.pop(label, None)
+  rank = {label: i for i, label in enumerate(order)}
+  ordered = dict(sorted(combined.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+  return ordered, {k: v for k, v in dropped.items() if k not in ordered}
+
+
 def run(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], steps=3_000, seeds=3)
   p.add_argument("--data-seed", type=int, default=0)
+  p.add_argument("--merge", action="store_true",
+                 help="keep the other methods' results from the existing results "
+                      "file (same settings) and rerun only --methods")
   args = p.parse_args(argv)
   steps = common.positive("steps", args.steps or (400 if args.quick else 3_000))
   seeds = common.positive("seeds", args.seeds or (2 if args.quick else 3))
@@ -345,6 +379,13 @@ def run(argv=None) -> dict:
         },
     }
 
+  stem = "multidigits_quick" if args.quick else "multidigits"
+  settings = {"steps": steps, "seeds": seeds, "data_seed": args.data_seed,
+              "quick": args.quick}
+  if args.merge:
+    results, skipped = merge(os.path.join(args.out, stem + ".json"), settings,
+                             stl_metrics, results, skipped,
+                             [m.label for m in methods_lib.METHODS + (static,)])
   stl = {"metrics": stl_metrics.tolist(), "metrics_std": stl_seed.std(0).tolist(),
          "per_seed_metrics": stl_seed.tolist(),
          "compile_seconds": t_stl_compile.seconds,
@@ -365,7 +406,6 @@ def run(argv=None) -> dict:
       "results": results,
       "skipped": skipped,
   }
-  stem = "multidigits_quick" if args.quick else "multidigits"
   common.write_json(os.path.join(args.out, stem + ".json"), payload)
 
   def pm(m, s, fmt):

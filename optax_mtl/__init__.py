@@ -112,6 +112,8 @@ from optax_mtl._src.core.transform import DiagnosedState
 from optax_mtl._src.core.transform import Method
 from optax_mtl._src.core.transform import aggregator
 from optax_mtl._src.core.transform import chain
+from optax_mtl._src.core.transform import layerwise
+from optax_mtl._src.core.groups import LayerwiseState
 from optax_mtl._src.core.transform import task_scaling
 from optax_mtl._src.core.transform import with_diagnostics
 from optax_mtl._src.core.weighting import TaskInputs
@@ -139,6 +141,7 @@ __all__ = (
     "GradVacState",
     "Gramian",
     "IMTLLState",
+    "LayerwiseState",
     "Method",
     "InitialLossState",
     "MoCoState",
@@ -187,6 +190,7 @@ __all__ = (
     "krum",
     "l2_initial_loss",
     "l2_prior_loss",
+    "layerwise",
     "loss_weights",
     "mean",
     "mgda",

@@ -41,7 +41,8 @@ class Case(NamedTuple):
     # gradients, not the gradients it receives.
     if getattr(tx, "combines_memory", False):
       return False
-    return all(m.weighting.per_coordinate is None
+    # A per-group method weights each group of leaves with its own weights.
+    return all(m.weighting.per_coordinate is None and m.groups is None
                for p in tx.parts for m in p.members)
 
 
@@ -77,6 +78,8 @@ CASES = [
     Case("aligned_mtl", lambda T, **kw: mtl.aligned_mtl(num_tasks=T, **kw)),
     Case("config", lambda T, **kw: mtl.config(num_tasks=T, **kw)),
     Case("gradvac", lambda T, **kw: mtl.gradvac(beta=0.5, seed=1, num_tasks=T, **kw)),
+    Case("layerwise_gradvac", lambda T, **kw: mtl.layerwise(
+        mtl.gradvac(beta=0.5, seed=1, num_tasks=T, **kw))),
     Case("krum", lambda T, **kw: mtl.krum(0, num_tasks=T, **kw), min_tasks=3),
     Case("cr_mogm", lambda T, **kw: mtl.cr_mogm(mtl.mgda(), alpha=0.5, num_tasks=T, **kw)),
     Case("auxiliary", lambda T, **kw: mtl.auxiliary(num_main=1, num_tasks=T, **kw)),

@@ -19,6 +19,7 @@ with one pass per member; :func:`chain` fuses them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -27,6 +28,7 @@ import optax
 
 from optax_mtl._src.core import diagnostics as diagnostics_lib
 from optax_mtl._src.core import finite
+from optax_mtl._src.core import groups as groups_lib
 from optax_mtl._src.core import weighting as weighting_lib
 from optax_mtl._src.engine import combine as combine_lib
 from optax_mtl._src.engine import masking
@@ -46,10 +48,14 @@ class Member(NamedTuple):
     mask: the ``shared=`` mask: for an aggregator, the shared leaves (combined
       by its weights, the others summed) and the leaves its statistics are
       read over; for a scaling, only the latter (every leaf is scaled).
+    groups: None, or the grouping of the shared leaves of a per-group
+      aggregator (:func:`layerwise`): its rule runs on each group's
+      statistics and each group is combined with its own weights.
   """
   weighting: weighting_lib.Weighting
   kind: str
   mask: masking.SharedMask
+  groups: masking.GroupSpec | None = None
 
 
 class Part(NamedTuple):
@@ -62,8 +68,18 @@ class Part(NamedTuple):
   members: tuple
   merged: bool = False
 
-  def init(self):
-    return self.members[0].weighting.initial_state()
+  def init(self, params):
+    first = self.members[0]
+    if first.groups is None:
+      return first.weighting.initial_state()
+    name = first.weighting.name
+    if params is None:
+      raise ValueError(
+          f"{name}: the state holds one state per group of parameters, so "
+          f"init needs them: call tx.init(params), not tx.init(None).")
+    mask = masking.resolve_shared(first.mask, params, params, name)
+    return groups_lib.initial_state(
+        first.weighting, groups_lib.layout(first.groups, mask, params, params, name))
 
   def unpack(self, state) -> list:
     rest = [m.weighting.initial_state() for m in self.members[1:]]
@@ -179,17 +195,29 @@ def _check_tasks(members, num_tasks):
                                         m.weighting.tasks_argument)
 
 
-def _run(members, states, num_tasks, stats, losses, kpis, extra):
-  """Applies the members in order; returns (d, final weights, states, weights)."""
+def _run(members, states, num_tasks, stats, losses, kpis, extra, layouts=None):
+  """Applies the members in order; returns (d, final weights, states, weights).
+
+  ``layouts``: per member, None or (leaf groups, leaf sizes) of a per-group
+  aggregator, whose final weights are then [K, T].
+  """
   scales = None
   weights_out, new_states, final = [], [], None
-  for member, state, member_stats in zip(members, states, stats):
+  layouts = layouts or [None] * len(members)
+  for member, state, member_stats, grouping in zip(members, states, stats, layouts):
     gram = norms = None
     if member_stats is not None:
       gram, norms = member_stats
-      if scales is not None:
-        gram = gram.scaled(scales) if gram is not None else None
-        norms = jnp.abs(scales).astype(norms.dtype) * norms
+    if grouping is not None:
+      inputs = weighting_lib.TaskInputs(num_tasks, gram, norms, losses, kpis, extra)
+      final, mean, state = groups_lib.apply(member.weighting, inputs, state,
+                                            *grouping, scales)
+      weights_out.append(mean)
+      new_states.append(state)
+      continue
+    if member_stats is not None and scales is not None:
+      gram = gram.scaled(scales) if gram is not None else None
+      norms = jnp.abs(scales).astype(norms.dtype) * norms
     inputs = weighting_lib.TaskInputs(num_tasks, gram, norms, losses, kpis, extra)
     weights, state = member.weighting.apply(inputs, state)
     weights_out.append(weights)
@@ -249,8 +277,7 @@ def build(parts: Sequence[Part], *, single: bool,
   diagnosed_tasks = _diagnosed_tasks(members, name) if diagnostics else None
 
   def init_fn(params):
-    del params
-    states = [p.init() for p in parts]
+    states = [p.init(params) for p in parts]
     inner = states[0] if single else tuple(states)
     if diagnostics:
       return DiagnosedState(inner, diagnostics_lib.empty(diagnosed_tasks))
@@ -263,18 +290,27 @@ def build(parts: Sequence[Part], *, single: bool,
     losses, kpis, extra = _vectors(members, num_tasks, losses, kwargs)
     masks = [masking.resolve_shared(m.mask, task_grads, params, m.weighting.name)
              for m in members]
+    layouts = _layouts(members, masks, task_grads, params)
     stats, raw = _statistics(members, masks, task_grads,
-                             masks[-1] if diagnostics else None)
+                             masks[-1] if diagnostics else None, layouts)
     outer = state
     if diagnostics:
       state = _unwrap(state, name)
     old_states = _split_states(parts, state, single)
+    for member, member_state, grouping in zip(members, old_states, layouts):
+      if grouping is not None:
+        groups_lib.check_state(member_state, grouping[0], member.weighting.name)
     scales, final, states, weights = _run(members, old_states, num_tasks, stats,
-                                          losses, kpis, extra)
+                                          losses, kpis, extra, layouts)
     last = members[-1]
     if last.kind == AGGREGATOR:
-      shared = final if scales is None else scales * final
-      if last.weighting.per_coordinate is None:
+      # [K, T] for a per-group aggregator, else [T].
+      shared = final if scales is None else scales.reshape(
+          (1,) * (final.ndim - 1) + scales.shape) * final
+      if layouts[-1] is not None:
+        updates = combine_lib.combine_groups(shared, task_grads, layouts[-1][0],
+                                             head_weights=scales)
+      elif last.weighting.per_coordinate is None:
         updates = combine_lib.combine(shared, task_grads, masks[-1],
                                       head_weights=scales)
       else:
@@ -322,22 +358,43 @@ def _unwrap(state, name):
   return state.method_state
 
 
-def _statistics(members, masks, task_grads, diagnosed=None):
+def _layouts(members, masks, task_grads, params) -> list:
+  """Per member: None, or (leaf groups, leaf sizes) of a per-group aggregator."""
+  out = []
+  for member, mask in zip(members, masks):
+    if member.groups is None:
+      out.append(None)
+      continue
+    leaf_groups = groups_lib.layout(member.groups, mask, task_grads, params,
+                                    member.weighting.name)
+    sizes = [leaf.size // max(leaf.shape[0], 1) for leaf in jax.tree.leaves(task_grads)]
+    out.append((leaf_groups, sizes))
+  return out
+
+
+def _statistics(members, masks, task_grads, diagnosed=None, layouts=None):
   """One engine pass for every member's statistics; None where none is read.
 
   ``diagnosed``: a mask whose raw Gramian is wanted too (for the
   diagnostics); it shares the pass, and costs nothing more when a member
-  already reads the Gramian of those leaves.
+  already reads the Gramian of those leaves. A per-group member (``layouts``)
+  reads one set of statistics per group, stacked along a leading axis.
 
   Returns:
     ``(per-member (gramian, norms) or None, the diagnosed Gramian or None)``.
   """
+  layouts = layouts or [None] * len(members)
+  keys_of = []
   wanted = {}
-  for member, mask in zip(members, masks):
+  for member, mask, grouping in zip(members, masks, layouts):
     kind = member.weighting.statistics
+    keys = []
     if kind is not None:
-      key = tuple(jax.tree.leaves(mask))
-      wanted[key] = wanted.get(key, False) or kind == "gramian"
+      keys = ([tuple(jax.tree.leaves(mask))] if grouping is None
+              else groups_lib.group_masks(grouping[0]))
+      for key in keys:
+        wanted[key] = wanted.get(key, False) or kind == "gramian"
+    keys_of.append(keys)
   if diagnosed is not None:
     wanted[tuple(jax.tree.leaves(diagnosed))] = True
   if not wanted:
@@ -347,11 +404,13 @@ def _statistics(members, masks, task_grads, diagnosed=None):
       task_grads, [statistics.Request(k, wanted[k]) for k in keys])
   by_key = dict(zip(keys, results))
   out = []
-  for member, mask in zip(members, masks):
+  for member, member_keys, grouping in zip(members, keys_of, layouts):
     if member.weighting.statistics is None:
       out.append(None)
       continue
-    result = by_key[tuple(jax.tree.leaves(mask))]
+    found = [by_key[k] for k in member_keys]
+    result = found[0] if grouping is None else jax.tree.map(
+        lambda *xs: jnp.stack(xs), *found)
     gram = result.gramian if member.weighting.statistics == "gramian" else None
     out.append((gram, result.norms))
   raw = None if diagnosed is None else by_key[tuple(jax.tree.leaves(diagnosed))].gramian
@@ -495,6 +554,94 @@ def with_diagnostics(tx: Method) -> Method:
   return build(tx.parts, single=tx.single, diagnostics=True)
 
 
+def layerwise(tx: Method, groups: masking.GroupSpec = "layer") -> Method:
+  """The same aggregator applied to each layer (group of leaves) on its own.
+
+  Each group k of shared leaves gets the method's weights computed from its
+  own statistics (the Gramian ``G_k`` of the task gradients restricted to
+  its leaves) and its own state, and is combined with them:
+
+  .. math::
+     u^\\ell = \\sum_t W_{k t}\\, g_t^\\ell \\quad (\\ell \\in \\text{group } k),
+     \\qquad W_k = \\text{rule}(G_k, \\text{state}_k)
+
+  This is the layer-wise form of PCGrad and GradVac that the GradVac paper
+  uses (one cosine target per pair of tasks and per layer) and works with any
+  aggregator that reads the Gramian or the norms. The cost stays one
+  statistics pass (each leaf is read once; its T x T block goes to its group)
+  and one combination pass; the K rules run batched (``vmap``). Heads (the
+  leaves ``shared=`` marks False) are summed as before. Properties that hold
+  group by group hold for the whole update (non-conflict: ``<u, g_t> =
+  sum_k <u_k, g_t^k> >= 0``); a zero update at a Pareto-stationary point
+  does not (0 may be in the hull of the full gradients, not of a layer's).
+
+  Random methods (PCGrad, GradVac) draw the same visiting orders in every
+  group. The state is a :class:`~optax_mtl.LayerwiseState` whose
+  ``task_weights`` are the groups' weights averaged over the parameters and
+  whose ``group_weights`` are the [K, T] weights; ``tx.init(params)`` needs
+  the parameters (K is read from them).
+
+  Args:
+    tx: an aggregator of this library that reads gradient statistics (such
+      as ``mtl.pcgrad()``, ``mtl.gradvac(num_tasks=T)``, ``mtl.upgrad()``),
+      with its ``shared=`` mask if any.
+    groups: ``"layer"`` (default: leaves with the same parent in the
+      parameter tree, such as a Flax layer's kernel and bias), ``"leaf"``
+      (every leaf its own group), a pytree of labels (str or int, a prefix of
+      the parameters' structure; equal labels form one group), or a callable
+      on the params returning one.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` aggregator; it chains with
+    task scalings in :func:`chain` like any aggregator.
+
+  Raises:
+    TypeError: ``tx`` is not one aggregator of this library.
+    ValueError: ``tx`` reads no gradient statistics, or combines coordinate
+      by coordinate.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_mtl as mtl
+    >>> tx = mtl.layerwise(mtl.mgda())
+    >>> params = {"a": {"w": jnp.zeros(2)}, "b": {"w": jnp.zeros(1)}}
+    >>> grads = {"a": {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])},
+    ...          "b": {"w": jnp.array([[1.0], [3.0]])}}
+    >>> update, state = tx.update(grads, tx.init(params), params)
+    >>> update["a"]["w"], update["b"]["w"]
+    (Array([0.5, 0.5], dtype=float32), Array([1.], dtype=float32))
+  """
+  name = "mtl.layerwise"
+  if (not isinstance(tx, Method) or getattr(tx, "keeps_gradient_memory", False)
+      or tx.diagnostics or not tx.single or len(tx.parts) != 1
+      or len(tx.parts[0].members) != 1 or tx.kind != AGGREGATOR):
+    raise TypeError(
+        f"{name}: expected one aggregator of optax_mtl built by its factories "
+        f"(such as mtl.pcgrad() or mtl.gradvac(num_tasks=T)), got "
+        f"{getattr(tx, 'name', type(tx).__name__)}. Chain task scalings and "
+        f"diagnostics around it: mtl.with_diagnostics(mtl.chain(scaling, "
+        f"mtl.layerwise(aggregator))).")
+  (member,) = tx.parts[0].members
+  inner = member.weighting
+  if inner.per_coordinate is not None or inner.statistics is None:
+    what = ("combines the task gradients coordinate by coordinate already"
+            if inner.per_coordinate is not None else
+            "reads no gradient statistics, so every group would get the "
+            "same weights")
+    raise ValueError(f"{name}: {inner.name} {what}; apply it to the whole "
+                     f"model instead.")
+  if member.groups is not None:
+    raise ValueError(f"{name}: {inner.name} is per-group already; apply "
+                     f"layerwise once.")
+  if groups is None:
+    raise ValueError(f"{name}: groups=None; pass 'layer', 'leaf' or a pytree "
+                     f"of labels.")
+  grouped = dataclasses.replace(
+      inner, name=f"{name}({inner.name})",
+      claims=inner.claims - {"stationary_zero"})
+  return build([Part((member._replace(weighting=grouped, groups=groups),))],
+               single=True)
+
+
 def alias(scaling: Method, tail: weighting_lib.Weighting,
           shared: masking.SharedMask) -> Method:
   """A task scaling followed by a fixed aggregator, with the scaling's state.
@@ -585,6 +732,13 @@ def weights_from_statistics(tx: Method, state: Any, num_tasks: int,
   """
   members = method_members(tx, name)
   for m in members:
+    if m.groups is not None:
+      raise ValueError(
+          f"{name}: {m.weighting.name} weights each group of leaves with its "
+          f"own Gramian, which this path does not compute. Use the stacked "
+          f"path: losses, task_grads = mtl.value_and_jacobian(loss_fn)("
+          f"params, ...), then tx.update(task_grads, state, params, "
+          f"losses=losses).")
     if m.weighting.per_coordinate is not None:
       raise ValueError(
           f"{name}: {m.weighting.name} combines the task gradients coordinate "

@@ -76,6 +76,31 @@ def combine(weights: jax.Array, task_grads: Any, mask: Any | None = None,
       task_grads, mask)
 
 
+def combine_groups(group_weights: jax.Array, task_grads: Any, groups: tuple,
+                   head_weights: jax.Array | None = None) -> Any:
+  """Returns ``sum_t W[k, t] g_t`` on each leaf of group k, heads as :func:`combine`.
+
+  The combination pass of a per-layer method: every group of leaves has its
+  own [T] weights, still one contraction per leaf.
+
+  Args:
+    group_weights: [K, T], row k the weights of group k.
+    task_grads: pytree whose leaves have a leading task axis T.
+    groups: per leaf (flattening order) its group index, or -1 for a
+      task-specific leaf, combined with ``head_weights`` (ones by default).
+    head_weights: [T] weights of the task-specific leaves.
+
+  Returns:
+    A pytree with the parameters' structure, shapes and dtypes.
+  """
+  leaves, treedef = jax.tree.flatten(task_grads)
+  if head_weights is None:
+    head_weights = jnp.ones(group_weights.shape[1:], group_weights.dtype)
+  out = [_weighted_leaf(head_weights if k < 0 else group_weights[k], leaf)
+         for leaf, k in zip(leaves, groups)]
+  return jax.tree.unflatten(treedef, out)
+
+
 def reduce_tasks(reduce: Any, weights: jax.Array, task_grads: Any,
                  mask: Any | None = None,
                  head_weights: jax.Array | None = None) -> Any:

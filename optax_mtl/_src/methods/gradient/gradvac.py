@@ -140,7 +140,8 @@ def gradvac(
   zero gradient are skipped and keep their target. The corrections are done
   on coefficient vectors with the Gramian (vmapped over i), and the weights
   depend only on cosines and norm ratios, so they are scale-free. Here the
-  targets cover the whole shared model (the paper also keeps them per layer).
+  targets cover the whole shared model; ``mtl.layerwise(mtl.gradvac(...))``
+  keeps them per layer, as the paper's experiments do.
 
   Args:
     beta: EMA rate of the targets, in [0, 1]: 0 keeps them at 0 (PCGrad), 1

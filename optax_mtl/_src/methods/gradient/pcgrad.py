@@ -86,6 +86,7 @@ def pcgrad(
   vectors with the Gramian (vmapped over i) and the gradients are combined
   once. Gradients that conflict with no other task are left untouched.
   Task-specific leaves (``shared=``) are summed, as in the authors' code.
+  ``mtl.layerwise(mtl.pcgrad())`` projects layer by layer instead.
 
   Args:
     seed: seed of the random visiting orders; the key lives in the state and
