@@ -199,32 +199,32 @@ def bench_case(num_tasks, dim, repeats, names=None):
   params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
   losses = jnp.linspace(1.0, 2.0, num_tasks)
   chain_rows = {row for pair in CHAIN_PAIRS for row in pair[2:]}
-  calls, updates = {}, {}
+  gradient_bytes = sum(g.size * g.dtype.itemsize for g in jax.tree.leaves(grads))
+  calls, updates, reads, memory = {}, {}, {}, {}
   for name, tx in selected_methods(num_tasks, names).items():
     state = tx.init(params)
+    args = (grads, state, params, losses)
     # The new state is returned too: a method whose update applies the
     # previous step's weights (GradNorm) would otherwise have its Gramian
-    # removed as dead code.
+    # removed as dead code. Compiled once, ahead of time: the executable is
+    # timed and analysed.
     update = jax.jit(lambda g, s, p, l, tx=tx: tx.update(g, s, p, losses=l))
-    calls[name] = (update, (grads, state, params, losses))
+    compiled = update.lower(*args).compile()
+    calls[name] = (compiled, args)
     if name in chain_rows:
-      updates[name] = jax.device_get(update(grads, state, params, losses)[0])
-  check_chains_agree(updates)
-  rows = time_interleaved(calls, repeats)
-  # What the compiled programs read and write, in units of the gradients'
-  # size (XLA's cost analysis): deterministic, unlike the timings.
-  gradient_bytes = sum(g.size * g.dtype.itemsize for g in jax.tree.leaves(grads))
-  reads, memory = {}, {}
-  for name, (fn, args) in calls.items():
-    compiled = fn.lower(*args).compile()
+      updates[name] = jax.device_get(compiled(*args)[0])
+    # What the compiled program reads and writes, in units of the
+    # gradients' size (XLA's cost analysis): deterministic, unlike timings.
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     reads[name] = float(cost.get("bytes accessed", float("nan"))) / gradient_bytes
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(args[1]))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     memory[name] = {
         # Scratch the compiled call allocates, and the state it carries.
         "temp": compiled.memory_analysis().temp_size_in_bytes / gradient_bytes,
         "state": state_bytes / gradient_bytes}
+  check_chains_agree(updates)
+  rows = time_interleaved(calls, repeats)
   del grads, calls
   return rows, reads, memory
 

@@ -136,10 +136,29 @@ def finite_or_none(x: float) -> float | None:
   return x if math.isfinite(x) else None
 
 
-def write_json(path: str, payload: dict) -> None:
+def significant(x: float, digits: int = 4) -> float | None:
+  """``x`` rounded to ``digits`` significant digits (None if not finite).
+
+  For the curves of a results file: plotted, never compared digit by digit.
+  """
+  x = finite_or_none(x)
+  if x is None or x == 0.0:
+    return x
+  return round(x, digits - 1 - math.floor(math.log10(abs(x))))
+
+
+def write_json(path: str, payload: dict, *, compact: bool = False) -> None:
+  """Writes ``payload``; ``compact`` drops the indentation and spaces.
+
+  Compact suits the results files that hold long curves: indentation alone
+  makes them several times larger.
+  """
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    json.dump(payload, f, indent=1, sort_keys=False, allow_nan=False)
+    if compact:
+      json.dump(payload, f, separators=(",", ":"), allow_nan=False)
+    else:
+      json.dump(payload, f, indent=1, sort_keys=False, allow_nan=False)
     f.write("\n")
 
 

@@ -22,6 +22,15 @@ has a ``task_weights`` field (normalised to sum to T; methods without one are
 drawn as constant weights 1). The static weights 1/sigma_t^2 (which know the
 scales in advance) are added as a reference.
 
+Along every trajectory, the conflict between the tasks' gradients on the
+shared trunk (``mtl.conflict_diagnostics``: the pairwise cosines and the ratio
+of the largest to the smallest task-gradient norm) is read at every step from
+the gradients the step computes anyway (T x T dot products over the trunk, no
+extra backward pass). Reported: per method, the median of each cosine, the
+fraction of steps where it is negative, and the median norm ratio (over every
+step and seed), with the seed means of about ``CONFLICT_POINTS`` evenly spaced
+steps in the JSON and ``gradnorm_synthetic_conflict.png``.
+
 Usage::
 
   python benchmarks/gradnorm_synthetic.py             # 3,000 steps, 3 seeds
@@ -55,6 +64,13 @@ IN_DIM, OUT_DIM, WIDTH, DEPTH = 250, 100, 100, 4
 NUM_TRAIN, NUM_TEST, BATCH = 10_000, 2_000, 128
 LEARNING_RATE = 1e-3
 NUM_RECORDS = 30
+# The trunk: the leaves every task's gradient reaches, where tasks can conflict.
+TRUNK = {"trunk": True, "heads": False}
+CONFLICT_POINTS = 100  # steps of the conflict curves kept in the JSON
+# Methods whose conflict curves the figure draws (when they ran); every
+# method's medians are drawn beside them, and its curves are in the JSON.
+CONFLICT_PLOT = ("sum", "static 1/sigma^2", "initial loss", "uncertainty",
+                 "gradnorm", "normalize", "mgda", "pcgrad", "upgrad", "nash-mtl")
 
 
 def make_data(sigmas: np.ndarray, seed: int):
@@ -96,14 +112,25 @@ def task_losses(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean((predict(params, x) - y) ** 2, axis=(0, 2))
 
 
+def pair_names(num_tasks: int) -> list[str]:
+  """``"s-t"`` (tasks from 1) for every pair s < t, in ``jnp.triu_indices`` order."""
+  rows, cols = np.triu_indices(num_tasks, k=1)
+  return [f"{a + 1}-{b + 1}" for a, b in zip(rows, cols)]
+
+
 def make_run(method_tx, num_tasks: int, steps: int, sigmas):
-  """Jitted ``(params [S], data) -> (test curve [S, R, T], weights [S, R, T], final [S, T])``.
+  """Jitted ``(params [S], data) -> (curve, weights, final, (cosines, ratio))``.
 
   ``params`` holds one initialisation per seed (leading axis S); ``data`` is
   ``((x_batches [NB, B, IN], y_batches [NB, B, T, OUT]), (x_test, y_test))``
   and step i trains on batch i mod NB. The data travel as arguments and the
   initialisation is done outside: both keep the compiled program small
   (closed-over arrays become constants, which makes compilation slow).
+
+  Returns the test curve [S, R, T], the weights [S, R, T] (both every
+  ``every`` steps), the final test losses [S, T], and the trunk's conflict at
+  every step: pairwise cosines [S, steps, T (T - 1) / 2] and norm ratio
+  [S, steps], read from the gradients of that step before its update.
   """
   tx = optax.chain(method_tx, optax.adam(LEARNING_RATE))
   jac = mtl.value_and_jacobian(task_losses)
@@ -117,29 +144,36 @@ def make_run(method_tx, num_tasks: int, steps: int, sigmas):
       return jnp.ones(num_tasks)
     return w * num_tasks / jnp.sum(w)
 
+  rows, cols = np.triu_indices(num_tasks, k=1)
+
   def step(data, carry, i):
     x_b, y_b = data[0]
     params, state = carry
     j = i % x_b.shape[0]
     losses, task_grads = jac(params, x_b[j], y_b[j])
+    d = mtl.conflict_diagnostics(task_grads, shared=TRUNK)
     updates, state = tx.update(task_grads, state, params, losses=losses)
-    return (optax.apply_updates(params, updates), state), None
+    return ((optax.apply_updates(params, updates), state),
+            (d.task_cosines[rows, cols], d.norm_ratio))
 
   def chunk(data, carry, i):
-    carry, _ = jax.lax.scan(functools.partial(step, data), carry,
-                            i * every + jnp.arange(every))
+    carry, conflict = jax.lax.scan(functools.partial(step, data), carry,
+                                   i * every + jnp.arange(every))
     test_loss = task_losses(carry[0], *data[1]) / norm
-    return carry, (test_loss, weights_of(carry[1]))
+    return carry, (test_loss, weights_of(carry[1]), conflict)
 
   def one(params, data):
     carry = (params, tx.init(params))
-    carry, (curve, weights) = jax.lax.scan(functools.partial(chunk, data),
-                                           carry, jnp.arange(records))
+    carry, (curve, weights, conflict) = jax.lax.scan(
+        functools.partial(chunk, data), carry, jnp.arange(records))
+    # [records, every, ...] -> [records * every, ...]: one entry per step.
+    conflict = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), conflict)
     if rest:  # static: only compiled when steps is not a multiple of every
-      carry, _ = jax.lax.scan(functools.partial(step, data), carry,
-                              records * every + jnp.arange(rest))
+      carry, tail = jax.lax.scan(functools.partial(step, data), carry,
+                                 records * every + jnp.arange(rest))
+      conflict = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), conflict, tail)
     final = task_losses(carry[0], *data[1]) / norm
-    return curve, weights, final
+    return curve, weights, final, conflict
 
   return jax.jit(jax.vmap(one, in_axes=(0, None))), every
 
@@ -195,6 +229,114 @@ def plot(results: dict, sigmas, every: int, path: str, cols: int = 4) -> None:
   plt.close(fig)
 
 
+def conflict_record(cosines: np.ndarray, ratio: np.ndarray, names: list[str]) -> dict:
+  """One method's conflict: medians over every step and seed, curves subsampled.
+
+  Args:
+    cosines: [S, steps, P] pairwise cosines of the trunk's task gradients.
+    ratio: [S, steps] their norm ratio (largest / smallest).
+    names: the P pair names.
+
+  Returns:
+    A JSON-ready dict: the seed means at about ``CONFLICT_POINTS`` evenly
+    spaced steps (4 significant digits), and per pair the median cosine and
+    the fraction of (step, seed) entries where it is negative, with the median
+    norm ratio over all steps and over the last tenth of them.
+  """
+  steps = cosines.shape[1]
+  kept = np.arange(0, steps, -(-steps // CONFLICT_POINTS))
+  tail = ratio[:, steps - max(1, steps // 10):]
+  return {
+      "steps": kept.tolist(),
+      "cosines": {n: [common.significant(v) for v in cosines[:, kept, k].mean(0)]
+                  for k, n in enumerate(names)},
+      "norm_ratio": [common.significant(v) for v in ratio[:, kept].mean(0)],
+      "median_cosine": {n: common.finite_or_none(np.median(cosines[..., k]))
+                        for k, n in enumerate(names)},
+      "conflict_fraction": {n: float(np.mean(cosines[..., k] < 0))
+                            for k, n in enumerate(names)},
+      "median_norm_ratio": common.finite_or_none(np.median(ratio)),
+      "median_norm_ratio_last_tenth": common.finite_or_none(np.median(tail)),
+  }
+
+
+def conflict_summary(results: dict, steps: int, seeds: int) -> str:
+  """Markdown: each method's medians of the trunk's cosines and norm ratio."""
+  names = list(next(iter(results.values()))["conflict"]["cosines"])
+  header = (["method"]
+            + [h for n in names for h in (f"median cos {n}", f"cos {n} < 0")]
+            + ["median norm ratio", "median norm ratio, last 10%"])
+  fmt = lambda v: "n/a" if v is None else f"{v:.3g}"
+  rows = []
+  for label, r in results.items():
+    c = r["conflict"]
+    rows.append([label]
+                + [cell for n in names for cell in (
+                    fmt(c["median_cosine"][n]), f"{100 * c['conflict_fraction'][n]:.0f}%")]
+                + [fmt(c["median_norm_ratio"]), fmt(c["median_norm_ratio_last_tenth"])])
+  return ("\n## Conflict between the tasks' trunk gradients\n\n"
+          "`mtl.conflict_diagnostics` of the task gradients on the shared trunk, "
+          "read at every step before the method combines them: median of each "
+          "pairwise cosine, share of steps where it is negative, and median of "
+          "the ratio of the largest to the smallest task-gradient norm, over "
+          f"all {steps} steps and {seeds} seeds (last 10%: the final "
+          f"{max(1, steps // 10)} steps).\n\n"
+          + common.markdown_table(header, rows) + "\n")
+
+
+def plot_conflict(results: dict, path: str) -> None:
+  """Conflict curves of a selection of methods, and every method's medians."""
+  import matplotlib.pyplot as plt
+  labels = list(results)
+  names = list(results[labels[0]]["conflict"]["cosines"])
+  shown = [l for l in CONFLICT_PLOT if l in results] or labels[:10]
+  cols = len(names) + 1
+  bar_height = max(3.0, 0.13 * len(labels))
+  fig, axes = plt.subplots(2, cols, squeeze=False,
+                           figsize=(3.8 * cols, 3.2 + bar_height),
+                           gridspec_kw={"height_ratios": [3.2, bar_height]})
+  nan = lambda xs: np.asarray([np.nan if v is None else v for v in xs], np.float64)
+  colors = plt.get_cmap("tab10")(np.arange(len(shown)) % 10)
+  for label, color in zip(shown, colors):
+    c = results[label]["conflict"]
+    for ax, n in zip(axes[0], names):
+      ax.plot(c["steps"], nan(c["cosines"][n]), label=label, lw=1.0, color=color)
+    axes[0, -1].plot(c["steps"], nan(c["norm_ratio"]), label=label, lw=1.0,
+                     color=color)
+  for ax, n in zip(axes[0], names):
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_title(f"cosine of tasks {n} (trunk, seed mean)", fontsize=8)
+  axes[0, -1].set_yscale("log")
+  axes[0, -1].set_title("norm ratio (largest / smallest)", fontsize=8)
+  for ax in axes[0]:
+    ax.set_xlabel("step", fontsize=7)
+    ax.tick_params(labelsize=7)
+  axes[0, 0].legend(fontsize=6, ncol=2)
+  y = np.arange(len(labels))
+  for ax, n in zip(axes[1], names):
+    med = nan([results[l]["conflict"]["median_cosine"][n] for l in labels])
+    ax.barh(y, med, color=["tab:red" if v < 0 else "tab:blue" for v in med])
+    for yi, l in zip(y, labels):
+      frac = results[l]["conflict"]["conflict_fraction"][n]
+      ax.annotate(f"{100 * frac:.0f}% < 0", (0.99, yi),
+                  xycoords=("axes fraction", "data"), ha="right", va="center",
+                  fontsize=6)
+    ax.axvline(0.0, color="k", lw=0.6)
+    ax.set_title(f"median cosine {n} (share of steps < 0)", fontsize=8)
+  med = nan([results[l]["conflict"]["median_norm_ratio"] for l in labels])
+  axes[1, -1].barh(y, med, color="tab:gray")
+  axes[1, -1].set_xscale("log")
+  axes[1, -1].set_xlim(left=1.0)  # the ratio is >= 1: bars start there
+  axes[1, -1].set_title("median norm ratio", fontsize=8)
+  for ax in axes[1]:
+    ax.set_yticks(y, labels, fontsize=6)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.invert_yaxis()
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
 def run(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], steps=3_000, seeds=3)
   p.add_argument("--sigmas", type=str, default="1,100",
@@ -226,6 +368,7 @@ def run(argv=None) -> dict:
   params0 = jax.tree.map(lambda a: a[0], params)
 
   copts = common.compiler_options(args)
+  names = pair_names(num_tasks)
   results, skipped, every = {}, {}, 1
   for method in common.progress(selected, "gradnorm_synthetic", args.no_progress):
     if method.needs_kpis:
@@ -240,7 +383,8 @@ def run(argv=None) -> dict:
       skipped[method.label] = common.method_error(e)
       continue
     with common.Timer() as t_run:
-      curve, weights, final = jax.block_until_ready(compiled(params, data))
+      curve, weights, final, (cosines, ratio) = jax.block_until_ready(
+          compiled(params, data))
     has_weights = common.has_task_weights(jax.eval_shape(tx.init, params0))
     final = np.asarray(final, np.float64)
     total = final.sum(axis=1)
@@ -253,12 +397,14 @@ def run(argv=None) -> dict:
         "has_task_weights": has_weights,
         "final_weights": [common.finite_or_none(v)
                           for v in np.asarray(weights)[:, -1].mean(0)],
-        "curve_mean": [[common.finite_or_none(v) for v in r]
+        "curve_mean": [[common.significant(v, 6) for v in r]
                        for r in np.asarray(curve, np.float64).mean(0)],
-        "weights_mean": [[common.finite_or_none(v) for v in r]
+        "weights_mean": [[common.significant(v, 6) for v in r]
                          for r in np.asarray(weights, np.float64).mean(0)],
         "compile_seconds": t_compile.seconds,
         "run_seconds": t_run.seconds,
+        "conflict": conflict_record(np.asarray(cosines, np.float64),
+                                    np.asarray(ratio, np.float64), names),
     }
 
   payload = {
@@ -275,7 +421,7 @@ def run(argv=None) -> dict:
       "skipped": skipped,
   }
   stem = "gradnorm_synthetic_quick" if args.quick else "gradnorm_synthetic"
-  common.write_json(os.path.join(args.out, stem + ".json"), payload)
+  common.write_json(os.path.join(args.out, stem + ".json"), payload, compact=True)
   header = (["method"]
             + [f"task {t + 1} (sigma {s:g})" for t, s in enumerate(sigmas)]
             + ["sum", "final weights", "run s"])
@@ -298,6 +444,9 @@ def run(argv=None) -> dict:
   if results:
     md += f"\n![test losses and weights]({stem}.png)\n"
     plot(results, sigmas.tolist(), every, os.path.join(args.out, stem + ".png"))
+    md += conflict_summary(results, steps, seeds)
+    md += f"\n![conflict over training]({stem}_conflict.png)\n"
+    plot_conflict(results, os.path.join(args.out, stem + "_conflict.png"))
   common.write_text(os.path.join(args.out, stem + ".md"), md)
   print(md)
   return payload

@@ -372,10 +372,11 @@ def run(argv=None) -> dict:
         # Seed means, every RECORD_EVERY steps, of the trunk's task gradients.
         "conflict": {
             "steps": list(range(0, steps, RECORD_EVERY)),
-            "cosines": {f"{TASKS[a]}-{TASKS[b]}": [common.finite_or_none(v) for v in
+            # Curves for the figure: four significant digits are plenty.
+            "cosines": {f"{TASKS[a]}-{TASKS[b]}": [common.significant(v) for v in
                                                    cosines[:, :, k].mean(0)]
                         for k, (a, b) in enumerate(PAIRS)},
-            "norm_ratio": [common.finite_or_none(v) for v in ratio.mean(0)],
+            "norm_ratio": [common.significant(v) for v in ratio.mean(0)],
         },
     }
 
@@ -406,7 +407,7 @@ def run(argv=None) -> dict:
       "results": results,
       "skipped": skipped,
   }
-  common.write_json(os.path.join(args.out, stem + ".json"), payload)
+  common.write_json(os.path.join(args.out, stem + ".json"), payload, compact=True)
 
   def pm(m, s, fmt):
     return "diverged" if m is None or s is None else f"{m:{fmt}} ± {s:{fmt}}"

@@ -24,7 +24,9 @@ Reported per method and start: the final point, its Euclidean distance to the
 Pareto set, and ``reached`` = distance < ``--tol`` (default 0.05: fifty Adam
 steps of size 1e-3; the runs that converge end within about 0.005 of the arc,
 the runs that stall stay more than 1 away). The five starts run together under
-``jax.vmap``; the steps run in ``lax.scan``.
+``jax.vmap``; the steps run in ``lax.scan``. The figure draws about 350 points
+of each trajectory; the JSON keeps 36 of them, evenly spaced (their steps are
+``settings["trajectory_steps"]``).
 
 Usage::
 
@@ -63,7 +65,8 @@ PARETO_X2_ENDS = -8.4345  # and at x1 = +-7
 PARETO_X1 = (-7.0, 7.0)
 L1_SCALE = 0.1
 LEARNING_RATE = 1e-3
-NUM_RECORDS = 350  # trajectory points kept per start
+NUM_RECORDS = 350  # trajectory points per start drawn in the figure
+JSON_POINTS = 36  # of them, evenly spaced, saved per start in the JSON
 
 
 def toy_losses(x: jax.Array) -> jax.Array:
@@ -106,8 +109,19 @@ def pareto_distance(x) -> np.ndarray:
   return np.sqrt(np.min(np.sum(diff ** 2, axis=-1), axis=-1))
 
 
+def trajectory_steps(steps: int) -> np.ndarray:
+  """The step of each point of :func:`make_run`'s trajectories: [R + 2]."""
+  every = max(1, steps // NUM_RECORDS)
+  records = steps // every
+  return np.concatenate([every * np.arange(records + 1), [steps]])
+
+
 def make_run(method_tx: optax.GradientTransformationExtraArgs, steps: int):
-  """Jitted ``starts [S, 2] -> (final [S, 2], trajectory [S, R + 1, 2])``."""
+  """Jitted ``starts [S, 2] -> (final [S, 2], trajectory [S, R + 2, 2])``.
+
+  The trajectory holds the start, the point every ``steps // NUM_RECORDS``
+  steps and the final point (:func:`trajectory_steps` gives their steps).
+  """
   tx = optax.chain(method_tx, optax.adam(LEARNING_RATE))
   jac = mtl.value_and_jacobian(toy_losses)
   every = max(1, steps // NUM_RECORDS)
@@ -143,7 +157,8 @@ def landscape(n: int = 200):
   return xx, yy, np.asarray(vals.sum(-1)).reshape(n, n)
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict, trajectories: dict, path: str) -> None:
+  """One panel per method: its trajectories [starts, points, 2] over the landscape."""
   import matplotlib.pyplot as plt
   labels = list(results)
   n = len(labels)
@@ -159,8 +174,7 @@ def plot(results: dict, path: str) -> None:
   for ax, label in zip(axes.ravel(), labels):
     ax.contourf(xx, yy, zz, levels=25, cmap="Greys", alpha=0.6)
     ax.plot(curve[:, 0], curve[:, 1], color="red", lw=2.5, label="Pareto set")
-    for c, traj in zip(colors, results[label]["trajectories"]):
-      t = np.asarray(traj, dtype=np.float64)
+    for c, t in zip(colors, np.asarray(trajectories[label], np.float64)):
       t = t[np.all(np.isfinite(t), axis=1)]
       if len(t):
         ax.plot(t[:, 0], t[:, 1], color=c, lw=1.2)
@@ -174,7 +188,8 @@ def plot(results: dict, path: str) -> None:
     ax.tick_params(labelsize=7)
   fig.suptitle("Toy problem: trajectories over 0.1 L1 + L2 "
                "(o start, * end, red: Pareto set)", fontsize=10)
-  fig.tight_layout()
+  # tight_layout ignores the suptitle: keep 0.4 inch above the panels for it.
+  fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.4 / fig.get_figheight()))
   fig.savefig(path, dpi=80)
   plt.close(fig)
 
@@ -194,7 +209,12 @@ def run(argv=None) -> dict:
   starts = jnp.asarray(STARTS, jnp.float32)
 
   copts = common.compiler_options(args)
-  results, skipped = {}, {}
+  path_steps = trajectory_steps(steps)
+  # The last record and the final point coincide when the records divide steps.
+  distinct = np.unique(path_steps, return_index=True)[1]
+  saved = distinct[np.unique(
+      np.linspace(0, len(distinct) - 1, JSON_POINTS).round().astype(int))]
+  results, skipped, trajectories = {}, {}, {}
   for method in common.progress(selected, "toy_pareto", args.no_progress):
     if method.needs_kpis:
       skipped[method.label] = "needs kpis (the toy problem has none)"
@@ -208,7 +228,7 @@ def run(argv=None) -> dict:
     with common.Timer() as t_run:
       final, traj = jax.block_until_ready(compiled(starts))
     dist = np.asarray(pareto_distance(final))
-    final = np.asarray(final)
+    final, trajectories[method.label] = np.asarray(final), np.asarray(traj)
     per_start = []
     for s, f, d in zip(STARTS, final, dist):
       ok = bool(np.isfinite(d) and d < args.tol)
@@ -224,8 +244,11 @@ def run(argv=None) -> dict:
         "mean_distance": common.finite_or_none(np.mean(dist)),
         "compile_seconds": t_compile.seconds,
         "run_seconds": t_run.seconds,
-        "trajectories": [[[None if not np.isfinite(v) else round(float(v), 3) for v in pt] for pt in tr]
-                         for tr in np.asarray(traj)],
+        # The figure draws every recorded point; the file keeps a few, at
+        # settings["trajectory_steps"], to 0.01 (the plot's 20 x 20 box).
+        "trajectories": [[[None if not np.isfinite(v) else round(float(v), 2)
+                           for v in pt] for pt in tr]
+                         for tr in trajectories[method.label][:, saved]],
     }
 
   os.makedirs(args.out, exist_ok=True)
@@ -237,6 +260,7 @@ def run(argv=None) -> dict:
                    "pareto_set": {"x1": list(PARETO_X1),
                                   "x2_at_x1_0": PARETO_X2_CENTER,
                                   "x2_at_x1_7": PARETO_X2_ENDS},
+                   "trajectory_steps": path_steps[saved].tolist(),
                    "quick": args.quick,
                    "compiler_options": copts},
       "device": common.device_info(),
@@ -244,7 +268,7 @@ def run(argv=None) -> dict:
       "skipped": skipped,
   }
   stem = "toy_pareto_quick" if args.quick else "toy_pareto"
-  common.write_json(os.path.join(args.out, stem + ".json"), payload)
+  common.write_json(os.path.join(args.out, stem + ".json"), payload, compact=True)
 
   header = ["method", "reached"] + [f"({s[0]:g}, {s[1]:g})" for s in STARTS]
   rows = []
@@ -267,7 +291,7 @@ def run(argv=None) -> dict:
     md += "\nSkipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "\n"
   if results:
     md += f"\n![trajectories]({stem}.png)\n"
-    plot(results, os.path.join(args.out, stem + ".png"))
+    plot(results, trajectories, os.path.join(args.out, stem + ".png"))
   common.write_text(os.path.join(args.out, stem + ".md"), md)
   print(md)
   return payload

@@ -104,6 +104,7 @@ def test_toy_sample_of_methods_runs(tmp_path):
   assert saved["settings"]["steps"] == 300
   assert set(saved["results"]) | set(saved["skipped"]) == set(_TOY_SAMPLE)
   assert "mgda" in saved["results"] and "upgrad" in saved["results"]
+  traj_steps = saved["settings"]["trajectory_steps"]
   for label, r in saved["results"].items():
     assert len(r["starts"]) == 5
     for s in r["starts"]:
@@ -114,6 +115,15 @@ def test_toy_sample_of_methods_runs(tmp_path):
     last = np.array([s["final"] for s in r["starts"]])
     assert np.all(np.abs(last - first) < 0.95), label
     assert np.any(np.abs(last - first) > 0.05), label
+    # The file keeps a few points of each trajectory (to 0.01), start to end.
+    traj = np.array(r["trajectories"], dtype=np.float64)
+    assert traj.shape == (5, len(traj_steps), 2), label
+    np.testing.assert_allclose(traj[:, 0], first, atol=5e-3)
+    np.testing.assert_allclose(traj[:, -1], last, atol=5e-3)
+  assert traj_steps[0] == 0 and traj_steps[-1] == 300
+  assert traj_steps == sorted(traj_steps) and len(traj_steps) <= toy_pareto.JSON_POINTS
+  # Compact JSON: one line, no indentation.
+  assert (tmp_path / "toy_pareto_quick.json").read_text().count("\n") == 1
   assert payload["device"]["backend"] == "cpu"
 
 
@@ -147,6 +157,31 @@ def test_gradnorm_synthetic_static_weights_beat_sum(tmp_path):
   # light; with weights 1/sigma^2 it learns much faster.
   static = res["static 1/sigma^2"]["test_loss_over_sigma2"][0]
   assert static < 0.85 * res["sum"]["test_loss_over_sigma2"][0]
+  # The trunk's conflict along every trajectory: a cosine in [-1, 1] and a
+  # norm ratio >= 1 at evenly spaced steps, with medians over every step.
+  res["uncertainty"] = learned
+  for label, r in res.items():
+    c = r["conflict"]
+    assert c["steps"][0] == 0 and c["steps"][-1] < 120, label
+    assert 0 < len(c["steps"]) <= gradnorm_synthetic.CONFLICT_POINTS
+    assert list(c["cosines"]) == ["1-2"]
+    assert len(c["cosines"]["1-2"]) == len(c["norm_ratio"]) == len(c["steps"])
+    assert all(-1.0 <= v <= 1.0 for v in c["cosines"]["1-2"]), label
+    assert all(math.isfinite(v) and v >= 1.0 for v in c["norm_ratio"]), label
+    assert -1.0 <= c["median_cosine"]["1-2"] <= 1.0
+    assert 0.0 <= c["conflict_fraction"]["1-2"] <= 1.0
+    assert c["median_norm_ratio"] >= 1.0 and c["median_norm_ratio_last_tenth"] >= 1.0
+  # Step 0 reads the same initial gradients whatever the method; task 2's
+  # targets are 100 times task 1's, and so is its residual at the start: its
+  # trunk gradient is tens of times larger.
+  first = {label: (r["conflict"]["cosines"]["1-2"][0], r["conflict"]["norm_ratio"][0])
+           for label, r in res.items()}
+  np.testing.assert_allclose(list(first.values()), [first["sum"]] * 3, rtol=1e-3)
+  assert 10 < first["sum"][1] < 1e3
+  markdown = (tmp_path / "gradnorm_synthetic_quick.md").read_text()
+  assert "## Conflict between the tasks' trunk gradients" in markdown
+  assert os.path.getsize(os.path.join(out, "gradnorm_synthetic_quick_conflict.png")) > 0
+  assert (tmp_path / "gradnorm_synthetic_quick.json").read_text().count("\n") == 1
 
 
 def test_multidigits_delta_m_formula():
