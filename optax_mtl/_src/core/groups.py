@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_mtl._src.core import weighting as weighting_lib
-from optax_mtl._src.engine import masking
 
 
 class LayerwiseState(NamedTuple):
@@ -35,12 +34,6 @@ class LayerwiseState(NamedTuple):
   task_weights: jax.Array | None
   group_weights: jax.Array | None
   group_states: dict
-
-
-def layout(groups: masking.GroupSpec, mask: Any, tree: Any, params: Any,
-           name: str) -> tuple:
-  """Per leaf of ``tree`` its group index (-1 for heads); see resolve_groups."""
-  return masking.resolve_groups(groups, mask, tree, params, name)
 
 
 def num_groups(leaf_groups: tuple) -> int:

@@ -79,7 +79,7 @@ class Part(NamedTuple):
           f"init needs them: call tx.init(params), not tx.init(None).")
     mask = masking.resolve_shared(first.mask, params, params, name)
     return groups_lib.initial_state(
-        first.weighting, groups_lib.layout(first.groups, mask, params, params, name))
+        first.weighting, masking.resolve_groups(first.groups, mask, params, params, name))
 
   def unpack(self, state) -> list:
     rest = [m.weighting.initial_state() for m in self.members[1:]]
@@ -365,8 +365,8 @@ def _layouts(members, masks, task_grads, params) -> list:
     if member.groups is None:
       out.append(None)
       continue
-    leaf_groups = groups_lib.layout(member.groups, mask, task_grads, params,
-                                    member.weighting.name)
+    leaf_groups = masking.resolve_groups(member.groups, mask, task_grads, params,
+                                         member.weighting.name)
     sizes = [leaf.size // max(leaf.shape[0], 1) for leaf in jax.tree.leaves(task_grads)]
     out.append((leaf_groups, sizes))
   return out
