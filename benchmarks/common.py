@@ -162,6 +162,21 @@ def write_json(path: str, payload: dict, *, compact: bool = False) -> None:
     f.write("\n")
 
 
+def compiled_memory(compiled) -> dict[str, int] | None:
+  """Bytes a compiled program allocates, from XLA's ``memory_analysis()``.
+
+  ``temp`` is its scratch, ``peak`` = arguments + outputs - aliased (donated)
+  + temp; None where the backend does not say.
+  """
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  out = {k: int(getattr(analysis, k + "_size_in_bytes"))
+         for k in ("temp", "argument", "output", "alias")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   def cell(v):
     if isinstance(v, float):

@@ -86,16 +86,6 @@ def build_steps(num_tasks, opt, chunk_size):
   }
 
 
-def memory(compiled) -> dict | None:
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    return None
-  out = {k: int(getattr(analysis, k + "_size_in_bytes"))
-         for k in ("temp", "argument", "output", "alias")}
-  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
-
-
 def run_tasks(args, num_tasks, key):
   params0 = common.mlp_model(key, args.in_dim, args.hidden, args.depth, num_tasks)
   num_params = sum(x.size for x in jax.tree.leaves(params0))
@@ -117,7 +107,7 @@ def run_tasks(args, num_tasks, key):
     compiled[name] = jax.jit(step, donate_argnums=(0, 1)).lower(
         *carry, x, y, data.scales).compile()
     compile_s[name] = time.perf_counter() - start
-    mem[name] = memory(compiled[name])
+    mem[name] = common.compiled_memory(compiled[name])
     _, carries[name] = common.time_variant(compiled[name], carry, data, 1)  # warm up
   samples = {name: [] for name in steps}
   for r in range(args.repeats):

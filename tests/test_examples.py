@@ -74,3 +74,45 @@ def test_one_backward_example_runs(capsys):
   printed = capsys.readouterr().out
   assert printed.count("relative losses") == 4
   assert "nan" not in printed.lower()
+
+
+def test_multihost_example_two_processes_match_one():
+  # Two processes of 2 CPU devices each, over loopback, train exactly as one
+  # process of 4 devices (the suite's) on the same global batches; there the
+  # batch is sharded over the 4 devices and both tasks learn.
+  import json
+  import os
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  root = EXAMPLES.parent
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  # Quicker code generation (the losses agree to float32 rounding): each
+  # process compiles its step in a third of the time.
+  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""),
+                               "--xla_backend_optimization_level=0",
+                               "--xla_cpu_use_fusion_emitters=false"]).strip()
+  args = ["--coordinator", f"localhost:{port}", "--num-processes", "2",
+          "--cpu-devices", "2", "--steps", "20", "--quiet"]
+  procs = [subprocess.Popen(
+      [sys.executable, str(EXAMPLES / "multihost.py"), *args, "--process-id", str(i)],
+      env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, out + err
+  result = json.loads(outputs[0][0].splitlines()[-1])
+  assert (result["processes"], result["devices"]) == (2, 4)
+  single = load("multihost").main(["--steps", "60", "--quiet"])
+  assert single.shape == (60, 2) and np.all(np.isfinite(single))
+  assert np.all(single[-10:].mean(0) < 0.8 * single[:10].mean(0))
+  np.testing.assert_allclose(result["first"], single[0], rtol=1e-5)
+  np.testing.assert_allclose(result["last"], single[19], rtol=1e-4)
