@@ -316,6 +316,12 @@ def value_and_gramian_grad(
   (or when every leaf is shared) it is a single VJP. A chain ending with a
   task scaling is summed over tasks, as if followed by ``mtl.sum()``.
 
+  On XLA's CPU backend, convolutions inside the loop over tasks (any
+  ``chunk_size`` below T) run far slower than outside one (jax-ml/jax issue
+  12868: 15x on a small CNN in ``benchmarks/train_step.py``); there
+  ``chunk_size=None`` (the tasks vmapped, T gradients' memory, as the stacked
+  path) is the faster choice. Dense layers do not have this cost.
+
   Args:
     loss_fn: function returning a [T] vector of task losses, or ``(losses,
       aux)`` with ``has_aux``; it must support forward mode (a
