@@ -74,7 +74,6 @@ import os
 import pathlib
 import platform
 import statistics
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -515,16 +514,6 @@ def _batches(setting: Setting, num_tasks: int, key, count: int = 2):
   return ours, theirs
 
 
-def _jax_stepper(compiled, carry):
-  """A train step as ``call(x, y)``, its donated carry threaded through."""
-  cell = {"carry": carry}
-
-  def call(x, y):
-    cell["carry"] = compiled(*cell["carry"][:2], x, y)
-    jax.block_until_ready(cell["carry"])
-  return call
-
-
 def _torch_stepper(grads, optimizer):
   def call(x, y):
     grads(x, y)
@@ -538,43 +527,6 @@ def _torch_stepper(grads, optimizer):
 # does not show, and full rounds would take most of an hour.
 SLOW_CALL_S = 2.0
 SLOW_ROUNDS = 3
-
-
-def time_calls(calls, rounds: int) -> dict[str, dict[str, float]]:
-  """Median seconds of each ``call(x, y)``, the calls timed in turn every round.
-
-  Args:
-    calls: ``name -> (call, batches)``; ``call`` blocks until its result is
-      ready and cycles through its own ``batches``.
-    rounds: timed calls per name; each follows an untimed settle call of the
-      same name, so that no call pays for memory the previous one released.
-      A name whose warm-up call took over ``SLOW_CALL_S`` is timed in the
-      first ``SLOW_ROUNDS`` rounds only, without settle calls.
-
-  Returns:
-    ``name -> {"seconds": median, "rounds": timed calls}``.
-  """
-  slow = set()
-  for name, (call, batches) in calls.items():
-    start = time.perf_counter()
-    call(*batches[0])  # torch: first-call set-up; JAX: compiled already
-    if time.perf_counter() - start > SLOW_CALL_S:
-      slow.add(name)
-  times = {name: [] for name in calls}
-  count = 0
-  for r in range(rounds):
-    for name, (call, batches) in calls.items():
-      if name in slow and r >= SLOW_ROUNDS:
-        continue
-      for timed in ((True,) if name in slow else (False, True)):
-        x, y = batches[count % len(batches)]
-        count += 1
-        start = time.perf_counter()
-        call(x, y)
-        if timed:
-          times[name].append(time.perf_counter() - start)
-  return {name: {"seconds": statistics.median(t), "rounds": len(t)}
-          for name, t in times.items()}
 
 
 def _jax_row(label: str, model, num_tasks: int, opt, batch, compiler_options):
@@ -606,7 +558,7 @@ def _jax_row(label: str, model, num_tasks: int, opt, batch, compiler_options):
   carry = jax.tree.map(jnp.copy, (params, (init(params), opt.init(params))))
   compiled = jax.jit(train_step_bench.train_step(grads_fn, opt),
                      donate_argnums=(0, 1)).lower(*carry, *batch).compile(compiler_options)
-  return _jax_stepper(compiled, carry), grads
+  return train_step_bench.stepper(compiled, carry), grads
 
 
 def train_case(setting: Setting, num_tasks: int, rounds: int, compiler_options):
@@ -638,13 +590,14 @@ def train_case(setting: Setting, num_tasks: int, rounds: int, compiler_options):
     calls[f"{label} [torchjd]"] = (_torch_stepper(grads, optimizer), theirs_batches)
     rows[label] = {"check_rel_diff": rel_diff, "check_rtol": rtol,
                    "agree": None if rtol is None else bool(rel_diff <= rtol)}
-  times = time_calls(calls, rounds)
+  # The first call of a torch step sets it up; the JAX steps are compiled.
+  times = train_step_bench.time_calls(calls, rounds, SLOW_CALL_S, SLOW_ROUNDS)
   for label, row in rows.items():
     ours, theirs = times[f"{label} [optax_mtl]"], times[f"{label} [torchjd]"]
-    row["optax_mtl_ms"] = 1e3 * ours["seconds"]
-    row["torchjd_ms"] = 1e3 * theirs["seconds"]
+    row["optax_mtl_ms"] = 1e3 * statistics.median(ours)
+    row["torchjd_ms"] = 1e3 * statistics.median(theirs)
     row["ratio"] = row["torchjd_ms"] / row["optax_mtl_ms"]
-    row["rounds"] = {"optax_mtl": ours["rounds"], "torchjd": theirs["rounds"]}
+    row["rounds"] = {"optax_mtl": len(ours), "torchjd": len(theirs)}
   return {"model": model.name, "kind": setting.kind, "tasks": num_tasks,
           "params": models.num_params(model.params), "rows": rows}
 

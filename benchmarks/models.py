@@ -7,12 +7,11 @@ framework. Every model has the same API:
 
 * ``<model>_init(key, num_tasks, ...) -> params``;
 * ``<model>_features(params["trunk"], x) -> z``, the shared features, [B, C];
-* ``<model>_heads(params["heads"], z) -> predictions``, [B, T];
-* ``<model>_task_losses(params, x, y) -> losses``, [T].
+* ``head_losses(params["heads"], z, y) -> losses``, [T], for every model.
 
 Tasks: T scalar regressions. Head t is a linear map of the features to one
 number; its loss is the mean squared error against the targets ``y[:, t]``
-(:func:`task_losses`). The heads are one ``[C, T]`` matrix and a ``[T]``
+(:func:`head_losses`). The heads are one ``[C, T]`` matrix and a ``[T]``
 bias, so task t's loss reaches only column t: with
 ``shared={"trunk": True, "heads": False}`` every head gets its own task's
 gradient.
@@ -35,9 +34,8 @@ Example::
   params = models.cnn_init(jax.random.key(0), num_tasks=10)
   x = jax.numpy.zeros((64, 64, 64, 3))
   y = jax.numpy.zeros((64, 10))
-  losses = models.cnn_task_losses(params, x, y)      # [10]
-  z = models.cnn_features(params["trunk"], x)        # [64, 512]
-  predictions = models.cnn_heads(params["heads"], z) # [64, 10]
+  z = models.cnn_features(params["trunk"], x)          # [64, 512]
+  losses = models.head_losses(params["heads"], z, y)   # [10]
 """
 
 from __future__ import annotations
@@ -93,22 +91,16 @@ def _heads_init(rng, width: int, num_tasks: int) -> Params:
           "b": _zeros(num_tasks)}
 
 
-def linear_heads(heads: Params, z: jax.Array) -> jax.Array:
-  """T linear heads on the features: ``z @ w + b``, [B, T]."""
-  return z @ heads["w"] + heads["b"][None, :]
+def head_losses(heads: Params, z: jax.Array, y: jax.Array) -> jax.Array:
+  """[T] mean squared errors of the T linear heads ``z @ w + b`` against y [B, T].
 
-
-def task_losses(predictions: jax.Array, y: jax.Array) -> jax.Array:
-  """[T] mean squared errors of the heads' [B, T] predictions against y [B, T]."""
+  The ``heads_fn`` of the representation path.
+  """
+  predictions = z @ heads["w"] + heads["b"][None, :]
   if predictions.shape != y.shape:
     raise ValueError(f"targets y must have the predictions' shape [batch, "
                      f"num_tasks] = {predictions.shape}, got {y.shape}.")
   return jnp.mean((predictions - y) ** 2, axis=0)
-
-
-def head_losses(heads: Params, z: jax.Array, y: jax.Array) -> jax.Array:
-  """[T] losses from the features: the ``heads_fn`` of the representation path."""
-  return task_losses(linear_heads(heads, z), y)
 
 
 def cnn_init(key, num_tasks: int, in_channels: int = 3,
@@ -156,14 +148,6 @@ def cnn_features(trunk: Params, x: jax.Array) -> jax.Array:
   return jnp.mean(h, axis=(1, 2))
 
 
-cnn_heads = linear_heads
-
-
-def cnn_task_losses(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-  """[T] regression losses of the CNN on images x [B, H, W, C] and targets y [B, T]."""
-  return head_losses(params["heads"], cnn_features(params["trunk"], x), y)
-
-
 def mlp_init(key, num_tasks: int, in_dim: int, width: int = 512,
              depth: int = 4) -> Params:
   """Parameters of an MLP trunk (``depth`` ReLU layers of ``width``) and T heads.
@@ -200,14 +184,6 @@ def mlp_features(trunk: Params, x: jax.Array) -> jax.Array:
   for layer in trunk:
     h = jax.nn.relu(h @ layer["w"] + layer["b"][None, :])
   return h
-
-
-mlp_heads = linear_heads
-
-
-def mlp_task_losses(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-  """[T] regression losses of the MLP on inputs x [B, ...] and targets y [B, T]."""
-  return head_losses(params["heads"], mlp_features(params["trunk"], x), y)
 
 
 def num_params(params: Params) -> int:

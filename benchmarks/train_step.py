@@ -197,23 +197,56 @@ def train_step(grads_fn, opt: optax.GradientTransformation):
   return step
 
 
-def time_interleaved(compiled, carries, batches, rounds):
-  """Seconds of one timed call per row and round, rows in turn in every round.
+def stepper(compiled, carry):
+  """A compiled train step as ``call(x, y)``, its donated carry threaded through.
 
-  Each timed call follows an untimed settle call of the same row, so a row
-  never pays for the memory the previous row just released. The steps
-  donate their carry, which is threaded through every call.
+  ``carry`` is what the step returned last, ``(params, states, losses)``.
   """
-  times = {name: [] for name in compiled}
-  calls = 0
-  for _ in range(rounds):
-    for name, step in compiled.items():
-      for timed in (False, True):
-        x, y = batches[calls % len(batches)]
-        calls += 1
+  cell = {"carry": carry}
+
+  def call(x, y):
+    cell["carry"] = compiled(*cell["carry"][:2], x, y)
+    jax.block_until_ready(cell["carry"])
+  return call
+
+
+def time_calls(calls, rounds: int, slow_call_s: float | None = None,
+               slow_rounds: int = 3) -> dict[str, list[float]]:
+  """Seconds of each timed ``call(x, y)``, the calls timed in turn every round.
+
+  Args:
+    calls: ``name -> (call, batches)``; ``call`` blocks until its result is
+      ready and cycles through its own ``batches``.
+    rounds: timed calls per name; each follows an untimed settle call of the
+      same name, so that no call pays for the memory the previous one
+      released, and load drifting on a shared machine reaches every name.
+    slow_call_s: if given, every call is first warmed up once, and a name
+      whose warm-up took longer is timed in the first ``slow_rounds`` rounds
+      only, without settle calls (at seconds per call the released memory
+      does not show, and full rounds would take hours).
+    slow_rounds: timed calls of a slow name.
+
+  Returns:
+    ``name -> [seconds of each timed call]``, in round order.
+  """
+  slow = set()
+  if slow_call_s is not None:
+    for name, (call, batches) in calls.items():
+      start = time.perf_counter()
+      call(*batches[0])
+      if time.perf_counter() - start > slow_call_s:
+        slow.add(name)
+  times = {name: [] for name in calls}
+  count = 0
+  for r in range(rounds):
+    for name, (call, batches) in calls.items():
+      if name in slow and r >= slow_rounds:
+        continue
+      for timed in ((True,) if name in slow else (False, True)):
+        x, y = batches[count % len(batches)]
+        count += 1
         start = time.perf_counter()
-        carries[name] = step(*carries[name][:2], x, y)
-        jax.block_until_ready(carries[name])
+        call(x, y)
         if timed:
           times[name].append(time.perf_counter() - start)
   return times
@@ -242,20 +275,20 @@ def run_case(args, size: Size, num_tasks: int, rows, compiler_options):
   model = make_model(args, size, num_tasks, jax.random.key(0))
   batches = make_batches(size, num_tasks, seed=1)
   opt = optax.adam(1e-4)
-  compiled, carries, entry_rows = {}, {}, {}
+  calls, entry_rows = {}, {}
   for label in rows:
     grads_fn, init = gradient_fn(label, model, num_tasks, args.lean_chunk_size)
     params = model.params
     # Fresh buffers per row: the steps donate them, and a state may hold one
     # array twice.
-    carries[label] = jax.tree.map(jnp.copy, (params, (init(params), opt.init(params))))
+    carry = jax.tree.map(jnp.copy, (params, (init(params), opt.init(params))))
     start = time.perf_counter()
-    compiled[label] = jax.jit(train_step(grads_fn, opt), donate_argnums=(0, 1)).lower(
-        *carries[label], *batches[0]).compile(compiler_options)
+    step = jax.jit(train_step(grads_fn, opt), donate_argnums=(0, 1)).lower(
+        *carry, *batches[0]).compile(compiler_options)
     compile_s = time.perf_counter() - start
-    step = compiled[label]
-    carries[label] = step(*carries[label], *batches[0])
-    params, (method_state, _), losses = carries[label]
+    carry = step(*carry, *batches[0])
+    calls[label] = (stepper(step, carry), batches)
+    params, (method_state, _), losses = carry
     weights = mtl.applied_weights(method_state)
     entry_rows[label] = {
         "memory_bytes": common.compiled_memory(step),
@@ -265,7 +298,7 @@ def run_case(args, size: Size, num_tasks: int, rows, compiler_options):
         "finite": bool(all(np.isfinite(np.asarray(l)).all()
                            for l in jax.tree.leaves(params))),
     }
-  times = time_interleaved(compiled, carries, batches, size.rounds)
+  times = time_calls(calls, size.rounds)
   for label, row in entry_rows.items():
     row["ms"] = 1e3 * statistics.median(times[label])
     # Paired per round (the rows run back to back), then the median.
