@@ -159,10 +159,10 @@ def test_gramian_and_combine_on_random_trees(num_tasks, shapes, log_scale, seed)
                                               (jnp.float32, 1e20, 1e-5)])
 def test_large_leaves_take_the_blocked_cpu_gramian(dtype, scale, rtol):
   # 3 x 70,001 entries: above the blocked path's threshold, with a remainder
-  # after the 4,096-column blocks; the rescue pass (1e20) goes through it too.
+  # after the 8,192-column blocks; the rescue pass (1e20) goes through it too.
   keys = jax.random.split(jax.random.key(5), 2)
   tree = {"big": (scale * jax.random.normal(keys[0], (3, 70_001))).astype(dtype),
-          "matrix": (scale * jax.random.normal(keys[1], (3, 130, 200))).astype(dtype)}
+          "matrix": (scale * jax.random.normal(keys[1], (3, 130, 300))).astype(dtype)}
   hlo = jax.jit(mtl.gramian).lower(tree).as_text()
   assert "while" in hlo  # the blocked loop, not one long dot
   dense = flat(tree) / scale
@@ -177,7 +177,9 @@ def test_blocked_cpu_gramian_under_vmap():
   batched = jax.vmap(lambda g: full_gramian_jnp(mtl.gramian(g)))(stacked)
   for i in range(2):
     rows = np.asarray(stacked[i], np.float64)
-    np.testing.assert_allclose(batched[i], rows @ rows.T, rtol=1e-5)
+    exact = rows @ rows.T
+    # float32 sums of 40,000 products: errors scale with the largest entry.
+    np.testing.assert_allclose(batched[i], exact, rtol=1e-5, atol=1e-6 * np.max(exact))
 
 
 def full_gramian_jnp(g):

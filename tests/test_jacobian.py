@@ -162,3 +162,29 @@ def test_chunked_backward_passes_give_the_same_jacobian(chunk_size):
 def test_chunk_size_must_be_a_positive_integer():
   with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
     mtl.value_and_jacobian(lambda p: jnp.stack([p, p]), chunk_size=0)
+
+
+@pytest.mark.parametrize("num_tasks", [3, 70])
+def test_convolution_jacobian_matches_per_task_grad(num_tasks):
+  # On CPU, up to 64 tasks run unrolled and more are vmapped: both give each
+  # task's own gradient, also under vmap over a batch of models.
+  def losses_fn(params, x):
+    h = jax.lax.conv_general_dilated(x, params["k"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    z = jnp.mean(jax.nn.relu(h), axis=(1, 2)) @ params["head"]
+    return jnp.mean(z, axis=0) * jnp.arange(1.0, num_tasks + 1.0)
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {"k": jax.random.normal(keys[0], (3, 3, 2, 4)),
+            "head": jax.random.normal(keys[1], (4, num_tasks))}
+  x = jax.random.normal(keys[2], (2, 5, 5, 2))
+  losses, task_grads = jax.jit(mtl.value_and_jacobian(losses_fn))(params, x)
+  assert task_grads["k"].shape == (num_tasks, 3, 3, 2, 4)
+  for t in (0, num_tasks - 1):
+    expected = jax.grad(lambda p: losses_fn(p, x)[t])(params)
+    for got, want in zip(jax.tree.leaves(task_grads), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(got[t], want, rtol=1e-5, atol=1e-5)
+  batched = jax.vmap(mtl.value_and_jacobian(losses_fn), in_axes=(None, 0))(
+      params, jnp.stack([x, 2.0 * x]))
+  np.testing.assert_allclose(batched[1]["k"][0], task_grads["k"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(batched[0][0], losses, rtol=1e-6)

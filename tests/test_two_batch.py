@@ -78,7 +78,7 @@ def test_cross_matrix_is_the_product_of_the_flat_jacobians(dtypes):
 
 
 def test_cross_matrix_blocked_cpu_pass():
-  # Leaves of >= 4 * 4096 * T entries take the blocked CPU loop; 39000
+  # Leaves of >= 4 * 8192 * T entries take the blocked CPU loop; 39000
   # columns leave a remainder block.
   keys = jax.random.split(jax.random.key(3), 4)
   first = {"w": jax.random.normal(keys[0], (2, 130, 300)),
@@ -89,6 +89,10 @@ def test_cross_matrix_blocked_cpu_pass():
   expected = j1 @ j2.T / (np.linalg.norm(j1, axis=1).max() * np.linalg.norm(j2, axis=1).max())
   np.testing.assert_allclose(_cross(first, second).normalized, expected,
                              rtol=1e-4, atol=1e-6)
+  # The same arrays twice take the Gramian; a copy, the [2T, 2T] pass.
+  once, twice = _cross(first, first), _cross(first, jax.tree.map(jnp.copy, first))
+  for a, b in zip(once, twice):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scales", [(1e20, 1e20), (1e-20, 1e-20), (1e-20, 1e20)])

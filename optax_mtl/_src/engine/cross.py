@@ -32,9 +32,8 @@ from optax_mtl._src.engine import statistics
 _TINY_SQUARED_NORM = {jnp.dtype(jnp.float32): 1e-30,
                       jnp.dtype(jnp.float64): 1e-290}
 
-# Columns per step of the CPU loop, as for the Gramian: a [T, chunk] block
-# of each batch and their transposes stay in the core's cache.
-_CPU_CHUNK = 4096
+# Columns per step of the CPU loop, as for the Gramian.
+_CPU_CHUNK = statistics.CPU_CHUNK
 
 
 class CrossGramian(NamedTuple):
@@ -153,7 +152,8 @@ def cross_gramian(first: Any, second: Any, mask: Any | None = None) -> CrossGram
 
   Returns:
     A :class:`CrossGramian`. With ``second`` equal to ``first`` it is the
-    Gramian: ``normalized`` equals :func:`optax_mtl.gramian`'s.
+    Gramian: ``normalized`` equals :func:`optax_mtl.gramian`'s (and when
+    ``second`` is ``first``, the very same arrays, that is how it is computed).
 
   Example:
     >>> import jax.numpy as jnp
@@ -166,6 +166,11 @@ def cross_gramian(first: Any, second: Any, mask: Any | None = None) -> CrossGram
   """
   a_leaves = jax.tree.leaves(first)
   b_leaves = jax.tree.leaves(second)
+  if len(a_leaves) == len(b_leaves) and all(a is b for a, b in zip(a_leaves, b_leaves)):
+    # One batch read twice (mtl.same_batch): its Gramian, a quarter of the
+    # products of the [2T, 2T] pass.
+    gram = statistics.gramian(first, mask)
+    return CrossGramian(gram.normalized, gram.scale, gram.scale)
   selected = (tuple(True for _ in a_leaves) if mask is None
               else tuple(bool(m) for m in jax.tree.leaves(mask)))
   return _cross_gramian(a_leaves, b_leaves, selected)

