@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from optax_mtl._src.engine import hyperparams
 from optax_mtl._src.engine import validation
 from optax_mtl._src.paths import arguments
+from optax_mtl._src.paths import canonical_convolutions
 
 _NAME = "mtl.value_and_jacobian"
 
@@ -48,7 +49,8 @@ def _backward_passes(vjp_fn, num_tasks: int, dtype, chunk_size: int | None):
   chunks = -(-num_tasks // chunk_size)
   # Padding rows are zero cotangents; their (zero) gradients are dropped.
   padded = jnp.zeros((chunks * chunk_size, num_tasks), dtype).at[:num_tasks].set(eye)
-  (grads,) = jax.lax.map(jax.vmap(vjp_fn), padded.reshape(chunks, chunk_size, num_tasks))
+  (grads,) = canonical_convolutions.loop_map(
+      jax.vmap(vjp_fn), padded.reshape(chunks, chunk_size, num_tasks))
   return jax.tree.map(
       lambda g: g.reshape((chunks * chunk_size,) + g.shape[2:])[:num_tasks], grads)
 

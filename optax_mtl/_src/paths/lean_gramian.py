@@ -28,6 +28,7 @@ from optax_mtl._src.core import transform
 from optax_mtl._src.engine import masking
 from optax_mtl._src.engine import statistics
 from optax_mtl._src.paths import arguments
+from optax_mtl._src.paths import canonical_convolutions
 
 _NAME = "mtl.value_and_gramian_grad"
 _GRAMIAN_NAME = "mtl.value_and_gramian"
@@ -61,11 +62,12 @@ class _Linearized:
     losses: [T] task losses.
     aux: ``(aux, new_rest)`` of :meth:`arguments.Call.pure`.
     leaves: the differentiated values' leaves (flattening order).
+    name: the public function's name, for error messages.
   """
 
   def __init__(self, call: arguments.Call, loss_fn, kwargs, has_aux, name):
     values = call.values
-    self._name = name
+    self.name = name
     self.leaves, self._treedef = jax.tree.flatten(values)
     self.losses, self._jvp, self.aux = jax.linearize(
         call.pure(loss_fn, kwargs, has_aux, name), values, has_aux=True)
@@ -82,7 +84,7 @@ class _Linearized:
       return self._jvp(jax.tree.unflatten(self._treedef, tangent_leaves))
     except TypeError as error:
       if "forward-mode" in str(error):
-        raise _forward_mode_hint(error, self._name) from None
+        raise _forward_mode_hint(error, self.name) from None
       raise
 
 
@@ -158,7 +160,14 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple],
   if chunk_size is None or chunk_size >= num_tasks:
     columns, norms = jax.vmap(column)(rows)
   else:
-    columns, norms = lax.map(column, rows, batch_size=chunk_size)
+    try:
+      columns, norms = canonical_convolutions.loop_map(column, rows, chunk_size)
+    except TypeError as error:
+      # The loop body is traced, then re-evaluated with its convolutions
+      # rewritten: a forward-mode failure surfaces only then.
+      if "forward-mode" in str(error):
+        raise _forward_mode_hint(error, lin.name) from None
+      raise
   # columns: [T, sets, T], norms: [T, sets].
   by_set = {s: _finish(columns[:, i], norms[:, i], dtype)
             for i, s in enumerate(live)}
