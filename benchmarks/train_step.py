@@ -26,10 +26,8 @@ Model (``benchmarks/models.py``): by default the eight-layer 3x3 CNN of
 global average pooling) with T linear regression heads, on batches of 64
 RGB images of 64x64 (``--size full``); ``--size resnet18`` uses ResNet-18's 17
 convolutions (11M parameters). ``--size medium`` (a quarter of the widths, 32x32
-images, batch 32) is what a 2-core CPU runs, in about a quarter of an hour
-(most of it the lean path: on CPU, XLA runs convolutions inside its per-task
-loop slowly, see the results' note; ``--lean-chunk-size all`` vmaps the tasks
-instead); it is the default on CPU, ``full`` elsewhere. ``--model mlp`` swaps
+images, batch 32) is what a 2-core CPU runs in minutes; it is the default on
+CPU, ``full`` elsewhere. ``--model mlp`` swaps
 the CNN for an MLP trunk on the flattened images.
 
 Timing: every step is compiled, called once (its first-step losses and
@@ -389,16 +387,6 @@ def markdown(report) -> str:
       "passes through the heads only; the one-backward path costs one "
       "summed-loss step.",
   ]
-  lean = any(parse_row(label)[0] == "lean" for label in cfg["rows"])
-  if report["backend"] == "cpu" and cfg["model"] == "cnn" and lean:
-    lines += [
-        "",
-        "On CPU the lean path's time is not its work: XLA:CPU runs a "
-        "convolution inside a loop body far slower than the same convolution "
-        "outside one (jax-ml/jax issue 12868), and with `chunk_size` below T "
-        "the path loops over the tasks (`lax.map`). `--lean-chunk-size all` "
-        "vmaps them instead, holding T gradients as the stacked path does.",
-    ]
   return "\n".join(lines) + "\n"
 
 

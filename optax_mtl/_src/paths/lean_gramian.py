@@ -325,11 +325,11 @@ def value_and_gramian_grad(
   (or when every leaf is shared) it is a single VJP. A chain ending with a
   task scaling is summed over tasks, as if followed by ``mtl.sum()``.
 
-  On XLA's CPU backend, convolutions inside the loop over tasks (any
-  ``chunk_size`` below T) run far slower than outside one (jax-ml/jax issue
-  12868: 15x on a small CNN in ``benchmarks/train_step.py``); there
-  ``chunk_size=None`` (the tasks vmapped, T gradients' memory, as the stacked
-  path) is the faster choice. Dense layers do not have this cost.
+  On XLA's CPU backend the loop over tasks (any ``chunk_size`` below T) has
+  its convolutions rewritten to batch-spatial-feature order first: in a loop
+  body XLA:CPU would otherwise run a kernel gradient's convolution on a
+  generic loop, 50-100x slower (jax-ml/jax issue 12868). The values are the
+  same; GPU and TPU programs are not changed.
 
   Args:
     loss_fn: function returning a [T] vector of task losses, or ``(losses,
