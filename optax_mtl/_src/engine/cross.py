@@ -27,14 +27,6 @@ from jax import lax
 from optax_mtl._src.engine import sharding
 from optax_mtl._src.engine import statistics
 
-# The bounds of statistics.py: below this largest squared norm, products of
-# gradient entries start to underflow in the accumulation dtype.
-_TINY_SQUARED_NORM = {jnp.dtype(jnp.float32): 1e-30,
-                      jnp.dtype(jnp.float64): 1e-290}
-
-# Columns per step of the CPU loop, as for the Gramian.
-_CPU_CHUNK = statistics.CPU_CHUNK
-
 
 class CrossGramian(NamedTuple):
   """``J1 J2^T`` of two mini-batches, divided by their largest norms.
@@ -83,7 +75,7 @@ def _cpu(first, second, dtype, divisors):
   num_tasks = first.shape[0]
   flat_a = first.reshape(num_tasks, -1)
   flat_b = second.reshape(num_tasks, -1)
-  steps = flat_a.shape[1] // _CPU_CHUNK
+  steps = flat_a.shape[1] // statistics.CPU_CHUNK
 
   def gram(block_a, block_b):
     block_a = _divide(block_a, dtype, divisors[0])
@@ -95,14 +87,14 @@ def _cpu(first, second, dtype, divisors):
                            preferred_element_type=dtype)
 
   def body(i, total):
-    start = i * _CPU_CHUNK
-    return total + gram(lax.dynamic_slice_in_dim(flat_a, start, _CPU_CHUNK, axis=1),
-                        lax.dynamic_slice_in_dim(flat_b, start, _CPU_CHUNK, axis=1))
+    start = i * statistics.CPU_CHUNK
+    return total + gram(lax.dynamic_slice_in_dim(flat_a, start, statistics.CPU_CHUNK, axis=1),
+                        lax.dynamic_slice_in_dim(flat_b, start, statistics.CPU_CHUNK, axis=1))
 
   total = lax.fori_loop(0, steps, body,
                         jnp.zeros((2 * num_tasks, 2 * num_tasks), dtype))
-  if flat_a.shape[1] > steps * _CPU_CHUNK:
-    total = total + gram(flat_a[:, steps * _CPU_CHUNK:], flat_b[:, steps * _CPU_CHUNK:])
+  if flat_a.shape[1] > steps * statistics.CPU_CHUNK:
+    total = total + gram(flat_a[:, steps * statistics.CPU_CHUNK:], flat_b[:, steps * statistics.CPU_CHUNK:])
   diagonal = jnp.diagonal(total)
   return (total[:num_tasks, num_tasks:], diagonal[:num_tasks],
           diagonal[num_tasks:])
@@ -111,7 +103,7 @@ def _cpu(first, second, dtype, divisors):
 def _leaf_terms(first, second, dtype, divisors):
   portable = lambda a, b: _portable(a, b, dtype, divisors)
   # Blocks of a sharded leaf would be gathered; small leaves gain nothing.
-  if (first.size < 4 * _CPU_CHUNK * first.shape[0] or sharding.replicated_out(first)
+  if (first.size < 4 * statistics.CPU_CHUNK * first.shape[0] or sharding.replicated_out(first)
       or not jax.sharding.get_abstract_mesh().empty):
     return portable(first, second)
   return lax.platform_dependent(
@@ -183,7 +175,7 @@ def _cross_gramian(a_leaves, b_leaves, selected) -> CrossGramian:
   pairs = [(a, b) for a, b, s in zip(a_leaves, b_leaves, selected) if s]
   num_tasks = a_leaves[0].shape[0]
   dtype = statistics.accumulation_dtype(a_leaves + b_leaves)
-  tiny = _TINY_SQUARED_NORM[dtype]
+  tiny = statistics.TINY_SQUARED_NORM[dtype]
   raw = _raw(pairs, num_tasks, dtype, (None, None))
 
   if pairs:

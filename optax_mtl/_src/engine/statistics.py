@@ -63,7 +63,7 @@ class Gramian(NamedTuple):
 
 # Below this largest squared norm, products of float32 gradient entries start
 # to underflow; float64 gradients have their own bound.
-_TINY_SQUARED_NORM = {jnp.dtype(jnp.float32): 1e-30,
+TINY_SQUARED_NORM = {jnp.dtype(jnp.float32): 1e-30,
                       jnp.dtype(jnp.float64): 1e-290}
 
 
@@ -225,7 +225,7 @@ def task_statistics(task_grads: Any, requests: Sequence[Request]) -> list[Statis
 def _task_statistics(task_grads: Any, requests: tuple) -> list[Statistics]:
   leaves = jax.tree.leaves(task_grads)
   dtype = accumulation_dtype(leaves)
-  tiny = _TINY_SQUARED_NORM[dtype]
+  tiny = TINY_SQUARED_NORM[dtype]
   raws = _raw(leaves, requests, dtype, None)
   tops = [jnp.max(_diagonal(raw, r)) for raw, r in zip(raws, requests)]
   # A set with no leaves is zero by construction and needs no rescue.

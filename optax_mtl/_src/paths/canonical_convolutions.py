@@ -64,12 +64,11 @@ def _evaluate(jaxpr, consts, args):
       outs = [_canonical_convolution(*values, eqn.params)]
     elif eqn.primitive.name in ("jit", "pjit", "closed_call"):
       # Inlined, so that the convolutions inside are rewritten too.
-      inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
-      inner_consts = getattr(inner, "consts", ())
-      outs = _evaluate(getattr(inner, "jaxpr", inner), inner_consts, values)
+      inner = eqn.params["jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"]
+      outs = _evaluate(inner.jaxpr, inner.consts, values)
     else:
       bound = eqn.primitive.get_bind_params(eqn.params)
-      # Older JAX returns (subfunctions, params), newer the params alone.
+      # JAX before 0.9.2 returns (subfunctions, params), later the params alone.
       subfuns, bind_params = bound if isinstance(bound, tuple) else ((), bound)
       with eqn.ctx.manager:
         outs = eqn.primitive.bind(*subfuns, *values, **bind_params)

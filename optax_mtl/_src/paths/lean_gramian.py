@@ -17,6 +17,7 @@ to float rounding) and the gradients are never stacked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -44,15 +45,22 @@ def _chunk_size(chunk_size, name):
   return chunk_size
 
 
-def _forward_mode_hint(error: Exception, name: str) -> Exception:
-  first_line = str(error).split("\n")[0]
-  return TypeError(
-      f"{name} differentiates loss_fn in forward mode (JVPs along the task "
-      f"gradients) as well as in reverse mode, and loss_fn does not support "
-      f"forward mode ({first_line}). A jax.custom_vjp function needs a JVP "
-      f"rule (define it with jax.custom_jvp) for this path; or use the "
-      f"stacked path: losses, task_grads = mtl.value_and_jacobian(loss_fn)"
-      f"(...), then tx.update(task_grads, state, params, losses=losses).")
+@contextlib.contextmanager
+def _forward_mode_hint(name: str):
+  """Turns JAX's forward-mode failure inside the block into this path's advice."""
+  try:
+    yield
+  except TypeError as error:
+    if "forward-mode" not in str(error):
+      raise
+    first_line = str(error).split("\n")[0]
+    raise TypeError(
+        f"{name} differentiates loss_fn in forward mode (JVPs along the task "
+        f"gradients) as well as in reverse mode, and loss_fn does not support "
+        f"forward mode ({first_line}). A jax.custom_vjp function needs a JVP "
+        f"rule (define it with jax.custom_jvp) for this path; or use the "
+        f"stacked path: losses, task_grads = mtl.value_and_jacobian(loss_fn)"
+        f"(...), then tx.update(task_grads, state, params, losses=losses).") from None
 
 
 class _Linearized:
@@ -80,12 +88,8 @@ class _Linearized:
 
   def jvp(self, tangent_leaves: list) -> jax.Array:
     """``J v``, [T], for a tangent given as a list of leaves."""
-    try:
+    with _forward_mode_hint(self.name):
       return self._jvp(jax.tree.unflatten(self._treedef, tangent_leaves))
-    except TypeError as error:
-      if "forward-mode" in str(error):
-        raise _forward_mode_hint(error, self.name) from None
-      raise
 
 
 def _unit(leaves, mask, dtype):
@@ -160,14 +164,10 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple],
   if chunk_size is None or chunk_size >= num_tasks:
     columns, norms = jax.vmap(column)(rows)
   else:
-    try:
+    # The loop body is traced, then re-evaluated with its convolutions
+    # rewritten: a forward-mode failure may surface only then.
+    with _forward_mode_hint(lin.name):
       columns, norms = canonical_convolutions.loop_map(column, rows, chunk_size)
-    except TypeError as error:
-      # The loop body is traced, then re-evaluated with its convolutions
-      # rewritten: a forward-mode failure surfaces only then.
-      if "forward-mode" in str(error):
-        raise _forward_mode_hint(error, lin.name) from None
-      raise
   # columns: [T, sets, T], norms: [T, sets].
   by_set = {s: _finish(columns[:, i], norms[:, i], dtype)
             for i, s in enumerate(live)}
