@@ -28,8 +28,10 @@ Two parts, every row run by both libraries on the same inputs (float32):
     (``mtl.value_and_representation_grad``; TorchJD's ``mtl_backward`` with
     the features as the shared tensor, ``jac_to_grad`` on them, then
     ``features.backward``);
-  - ``lean:<method>``: the exact Gramian without holding the T gradients,
-    then one weighted backward (``mtl.value_and_gramian_grad``; TorchJD's
+  - ``lean:<method>``: the exact Gramian without stacking the T gradients,
+    then one weighted backward (``mtl.value_and_gramian_grad`` with
+    ``chunk_size=None``: all tasks at once, dense layers' blocks factored,
+    as autogram batches the losses; TorchJD's
     ``autogram.Engine`` on the trunk, its weighting, then
     ``autograd.backward`` with the weights on the trunk and ones on the
     heads);
@@ -317,6 +319,9 @@ TRAIN_ROWS = ("ls", "exact:mean", "exact:mgda", "exact:pcgrad", "exact:upgrad",
 # Parts of a step, timed to show what an exact or lean step spends its time
 # on; not in the summaries of whole steps.
 COMPONENT_ROWS = ("jacobian alone", "gramian alone")
+# All tasks at once, as autogram runs them: dense layers' Gramian blocks from
+# their inputs and the T output cotangents, the other leaves' T gradients held.
+LEAN_CHUNK_SIZE = None
 # Relative L2 difference accepted between what the two libraries compute at
 # the first call (same parameters and batch): the gradients before Adam, the
 # trunk's Jacobian, the Gramian. PCGrad draws its task orders: not compared;
@@ -546,13 +551,15 @@ def _jax_row(label: str, model, num_tasks: int, opt, batch, compiler_options):
       fn = lambda p, x, y: mtl.value_and_jacobian(model.losses)(p, x, y)[1]["trunk"]
     else:
       fn = lambda p, x, y: _dense(
-          mtl.value_and_gramian(model.losses, shared=train_step_bench.SHARED)(p, x, y)[1])
+          mtl.value_and_gramian(model.losses, shared=train_step_bench.SHARED,
+                                chunk_size=LEAN_CHUNK_SIZE)(p, x, y)[1])
     compiled = compile_fn(fn, params, *batch)
 
     def call(x, y):
       jax.block_until_ready(compiled(params, x, y))
     return call, compiled(params, *batch)
-  grads_fn, init = train_step_bench.gradient_fn(label, model, num_tasks)
+  grads_fn, init = train_step_bench.gradient_fn(label, model, num_tasks,
+                                                LEAN_CHUNK_SIZE)
   grads = compile_fn(grads_fn, init(params), params, *batch)(init(params), params, *batch)[1]
   # Fresh buffers: the step donates them, and a state may hold one array twice.
   carry = jax.tree.map(jnp.copy, (params, (init(params), opt.init(params))))
@@ -645,13 +652,21 @@ def _summary(rows) -> str:
           f"{max(ratios):.2f}x.")
 
 
+def _dates(report) -> str:
+  """The run's date, or each section's when they were run on different days."""
+  dates = {s: report.get(f"{s}_date", report["date"]) for s in ("aggregators", "train")}
+  if len(set(dates.values())) == 1:
+    return dates["aggregators"]
+  return ", ".join(f"{d} ({s})" for s, d in dates.items())
+
+
 def markdown(report, figure: str | None = None) -> str:
   """The results page; ``figure``, the bar chart's file name, is shown first."""
   v = report["versions"]
   lines = [
       "# optax_mtl against TorchJD: the same work, one run",
       "",
-      f"Measured {report['date']} on {report['device']} ({report['cpu_count']} "
+      f"Measured {_dates(report)} on {report['device']} ({report['cpu_count']} "
       f"cores; JAX backend `{report['backend']}`, torch on the CPU with "
       f"{report['torch_threads']} threads), float32. Versions: optax_mtl "
       f"{v['optax_mtl']}, jax {v['jax']}, jaxlib {v['jaxlib']}, optax "
@@ -691,7 +706,9 @@ def markdown(report, figure: str | None = None) -> str:
       "TorchJD: `mtl_backward` + `jac_to_grad` (exact), `mtl_backward` on the "
       "detached features + `features.backward` (representation), "
       "`autogram.Engine(trunk, batch_dim=None)` + the weighting + "
-      "`autograd.backward` (lean), then `torch.optim.Adam`. Parts of a step "
+      "`autograd.backward` (lean; optax_mtl's `value_and_gramian_grad` with "
+      "`chunk_size=None`: all tasks at once, dense-layer blocks factored), "
+      "then `torch.optim.Adam`. Parts of a step "
       "(not in the summary): `jacobian alone`, the trunk's per-task gradients "
       "(`mtl.value_and_jacobian`; `mtl_backward`); `gramian alone`, the trunk's "
       "exact Gramian (`mtl.value_and_gramian`; `Engine.compute_gramian`), each "
@@ -757,7 +774,13 @@ def main(argv=None):
                       help="timed rounds of the aggregators (default 11; 2 "
                            "with --quick); the train steps use their setting's")
   parser.add_argument("--out", default=str(RESULTS), help="results directory")
+  parser.add_argument("--sections", default="aggregators,train",
+                      help="comma-separated: aggregators, train; a section not "
+                           "run is kept from the results file already in --out")
   args = parser.parse_args(argv)
+  sections = set(filter(None, args.sections.split(",")))
+  if not sections or sections - {"aggregators", "train"}:
+    parser.error(f"--sections takes aggregators and/or train, got {args.sections!r}.")
   if torch is None:
     parser.exit(2, f"compare_torchjd.py needs torch and torchjd ({_TORCH_ERROR}); "
                    f"{INSTALL_HINT}.\n")
@@ -777,13 +800,25 @@ def main(argv=None):
             "quick": args.quick, "backend": backend, "device": device,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "versions": _versions(), "aggregators": [], "train": []}
-  for num_tasks, dim in agg_cases:
+  stem = f"compare_torchjd_{backend}" + ("_quick" if args.quick else "")
+  out = pathlib.Path(args.out)
+  previous = out / f"{stem}.json"
+  for section in {"aggregators", "train"} - sections:
+    if not previous.exists():
+      parser.error(f"--sections {args.sections}: {previous} holds no {section} "
+                   f"section to keep; run both sections once.")
+    kept = json.loads(previous.read_text())
+    report[section] = kept[section]
+    report[f"{section}_date"] = kept.get(f"{section}_date", kept["date"])
+  for section in sections:
+    report[f"{section}_date"] = report["date"]
+  for num_tasks, dim in (agg_cases if "aggregators" in sections else []):
     case = aggregator_case(num_tasks, dim, repeats, options)
     report["aggregators"].append(case)
     print(f"aggregators T={num_tasks} d={dim}: " + ", ".join(
         f"{n} {r['optax_mtl_ms']:.2f}/{r['torchjd_ms']:.2f} ms ({r['ratio']:.2f}x)"
         for n, r in case["rows"].items()), flush=True)
-  for setting in settings:
+  for setting in (settings if "train" in sections else []):
     for num_tasks in setting.tasks:
       case = train_case(setting, num_tasks, setting.rounds, options)
       report["train"].append(case)
@@ -791,9 +826,7 @@ def main(argv=None):
           f"{n} {r['optax_mtl_ms']:.1f}/{r['torchjd_ms']:.1f} ms ({r['ratio']:.2f}x)"
           for n, r in case["rows"].items()), flush=True)
 
-  out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  stem = f"compare_torchjd_{backend}" + ("_quick" if args.quick else "")
   (out / f"{stem}.json").write_text(
       json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n")
   (out / f"{stem}.md").write_text(markdown(report, f"{stem}.png"))

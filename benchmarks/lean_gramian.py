@@ -2,13 +2,17 @@
 
 A Gramian method (here MGDA) needs the T x T Gramian of the per-task
 gradients. This script compares, in one run and on the same model, data and
-optimizer (Adam), three jitted train steps:
+optimizer (Adam), four jitted train steps:
 
 * ``LS``: ``jax.value_and_grad`` of ``sum_t L_t`` (the baseline);
 * ``stacked``: ``mtl.value_and_jacobian`` (T backward passes vmapped, the T
   gradients held at once) + ``mtl.mgda``;
 * ``lean``: ``value_and_gramian_grad`` + ``mtl.mgda``: the exact Gramian
-  from T VJPs and T JVPs one task at a time, then one weighted VJP.
+  from T VJPs and T JVPs one task at a time (``--chunk-size``), then one
+  weighted VJP;
+* ``lean-all``: the same with ``chunk_size=None``: the Gramian from one
+  batched backward pass, each dense layer's block from its input and the T
+  cotangents of its output, never the T weight gradients.
 
 MGDA is built with ``shared={"trunk": True, "heads": False}`` on both exact
 paths (heads get their own task's gradient), so the lean path's last VJP has
@@ -47,7 +51,7 @@ import common  # noqa: E402  (makes ``import optax_mtl`` work from a checkout)
 import optax_mtl as mtl  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-NAMES = ("LS", "stacked", "lean")
+NAMES = ("LS", "stacked", "lean", "lean-all")
 
 
 def build_steps(num_tasks, opt, chunk_size):
@@ -71,18 +75,22 @@ def build_steps(num_tasks, opt, chunk_size):
     return optax.apply_updates(params, updates), (w_state, o_state), losses.sum()
 
   lean_tx = mtl.mgda(num_tasks=num_tasks, shared=shared)
-  lean = mtl.value_and_gramian_grad(common.mlp_task_losses, lean_tx, chunk_size=chunk_size)
 
-  def lean_step(params, states, x, y, scales):
-    w_state, o_state = states
-    losses, grads, w_state = lean(w_state, params, x, y, scales)
-    updates, o_state = opt.update(grads, o_state, params)
-    return optax.apply_updates(params, updates), (w_state, o_state), losses.sum()
+  def lean_step_of(chunk):
+    lean = mtl.value_and_gramian_grad(common.mlp_task_losses, lean_tx, chunk_size=chunk)
+
+    def lean_step(params, states, x, y, scales):
+      w_state, o_state = states
+      losses, grads, w_state = lean(w_state, params, x, y, scales)
+      updates, o_state = opt.update(grads, o_state, params)
+      return optax.apply_updates(params, updates), (w_state, o_state), losses.sum()
+    return lean_step
 
   return {
       "LS": (ls_step, lambda p: optax.EmptyState()),
       "stacked": (stacked_step, stacked_tx.init),
-      "lean": (lean_step, lean_tx.init),
+      "lean": (lean_step_of(chunk_size), lean_tx.init),
+      "lean-all": (lean_step_of(None), lean_tx.init),
   }
 
 
@@ -173,7 +181,8 @@ def markdown(report) -> str:
       "The stacked path's temp holds the T per-task gradients (T x the "
       "parameters) and the Gramian's products; the lean path holds one "
       "gradient, its unit vector and the final VJP's two weighted rows, "
-      "whatever T. LS's temp is small because its gradient is written into "
+      "whatever T; lean-all holds each layer's T output cotangents (T x "
+      "batch x width per layer) and the heads' T gradients. LS's temp is small because its gradient is written into "
       "the donated optimizer buffers; compare peaks for the whole step.",
   ]
   return "\n".join(lines) + "\n"

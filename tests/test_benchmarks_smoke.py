@@ -281,9 +281,10 @@ def test_lean_gramian_benchmark_reports_time_and_memory(tmp_path):
   lean_gramian.main(["--quick", "--out", str(out)])
   saved = json.loads(out.with_suffix(".json").read_text())
   for row in saved["results"]:
-    assert set(row["ms"]) == {"LS", "stacked", "lean"}
+    assert set(row["ms"]) == {"LS", "stacked", "lean", "lean-all"}
     assert row["time_ratio_to_LS"]["LS"] == 1.0
     # Memory is deterministic (the compiled program's analysis): the lean
     # path holds no T gradient copies.
     peak = {k: v["peak"] for k, v in row["memory_bytes"].items()}
     assert peak["lean"] < peak["stacked"]
+    assert peak["lean-all"] < peak["stacked"]

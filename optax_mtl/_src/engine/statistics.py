@@ -169,6 +169,11 @@ def _leaf_block(leaf, dtype, divisor):
       leaf, cpu=lambda x: _cpu_block(x, dtype, divisor), default=portable)
 
 
+def leaf_gramian(leaf: jax.Array, dtype) -> jax.Array:
+  """The raw [T, T] Gramian of one [T, ...] leaf, accumulated in ``dtype``."""
+  return _leaf_block(leaf, dtype, None)
+
+
 def _leaf_squares(leaf, dtype, divisor):
   values = leaf.astype(dtype)
   if divisor is not None:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import jax
 from jax import lax
-from jax.extend import core
+
+from optax_mtl._src.paths import jaxpr_eval
 
 
 def _canonical_convolution(lhs, rhs, params):
@@ -48,35 +49,10 @@ def _canonical_convolution(lhs, rhs, params):
   return out.transpose(tuple(place))
 
 
-def _evaluate(jaxpr, consts, args):
-  env = {}
-
-  def read(var):
-    return var.val if isinstance(var, core.Literal) else env[var]
-
-  for var, value in zip(jaxpr.constvars, consts):
-    env[var] = value
-  for var, value in zip(jaxpr.invars, args):
-    env[var] = value
-  for eqn in jaxpr.eqns:
-    values = [read(v) for v in eqn.invars]
-    if eqn.primitive is lax.conv_general_dilated_p:
-      outs = [_canonical_convolution(*values, eqn.params)]
-    elif eqn.primitive.name in ("jit", "pjit", "closed_call"):
-      # Inlined, so that the convolutions inside are rewritten too.
-      inner = eqn.params["jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"]
-      outs = _evaluate(inner.jaxpr, inner.consts, values)
-    else:
-      bound = eqn.primitive.get_bind_params(eqn.params)
-      # JAX before 0.9.2 returns (subfunctions, params), later the params alone.
-      subfuns, bind_params = bound if isinstance(bound, tuple) else ((), bound)
-      with eqn.ctx.manager:
-        outs = eqn.primitive.bind(*subfuns, *values, **bind_params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-    for var, value in zip(eqn.outvars, outs):
-      env[var] = value
-  return [read(v) for v in jaxpr.outvars]
+def _rewrite(eqn, values):
+  if eqn.primitive is lax.conv_general_dilated_p:
+    return [_canonical_convolution(*values, eqn.params)]
+  return None
 
 
 def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,7 +64,8 @@ def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   def wrapped(*args):
     closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-    outs = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+    outs = jaxpr_eval.evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args),
+                               _rewrite)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
   return wrapped

@@ -37,8 +37,9 @@ def _vmapped(vjp_fn, eye):
   return grads
 
 
-def _backward_passes(vjp_fn, num_tasks: int, dtype, chunk_size: int | None):
-  """The T rows of the Jacobian, all at once or ``chunk_size`` tasks at a time."""
+def backward_passes(vjp_fn, num_tasks: int, dtype, chunk_size: int | None):
+  """``vjp_fn`` (a row to a 1-tuple of a pytree) on the T rows of the identity,
+  stacked: all at once or ``chunk_size`` tasks at a time."""
   eye = jnp.eye(num_tasks, dtype=dtype)
   if chunk_size is None or chunk_size >= num_tasks:
     if num_tasks > _CPU_UNROLL_MAX_TASKS:
@@ -118,7 +119,7 @@ def value_and_jacobian(
     call = arguments.Call(args, argnums, chosen, _NAME)
     losses, vjp_fn, (aux, new_rest) = jax.vjp(
         call.pure(loss_fn, kwargs, has_aux, _NAME), call.values, has_aux=True)
-    grads = _backward_passes(vjp_fn, losses.shape[0], losses.dtype, chunk_size)
+    grads = backward_passes(vjp_fn, losses.shape[0], losses.dtype, chunk_size)
     call.write_back(new_rest)
     validation.num_tasks(grads, _NAME)
     task_grads = grads[0] if single else tuple(grads)
