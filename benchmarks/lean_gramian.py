@@ -182,8 +182,9 @@ def markdown(report) -> str:
       "parameters) and the Gramian's products; the lean path holds one "
       "gradient, its unit vector and the final VJP's two weighted rows, "
       "whatever T; lean-all holds each layer's T output cotangents (T x "
-      "batch x width per layer) and the heads' T gradients. LS's temp is small because its gradient is written into "
-      "the donated optimizer buffers; compare peaks for the whole step.",
+      "batch x width per layer) and the heads' T gradients. LS's temp is "
+      "small because its gradient is written into the donated optimizer "
+      "buffers; compare peaks for the whole step.",
   ]
   return "\n".join(lines) + "\n"
 

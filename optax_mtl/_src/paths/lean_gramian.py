@@ -14,7 +14,8 @@ loss function is linearised once (one forward pass, its residuals kept as a
 VJP keeps them); every VJP and JVP reuses that linearisation.
 
 Like TorchJD's "autogram", the Gramian is exact (the stacked path's matrix, up
-to float rounding) and the gradients are never stacked."""
+to float rounding) and the gradients are never stacked.
+"""
 
 from __future__ import annotations
 
@@ -201,9 +202,11 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple],
   if chunk_size is not None and chunk_size < num_tasks:
     return _column_gramians(lin, sets, chunk_size)
   dtype = statistics.accumulation_dtype(lin.leaves)
+  empty = statistics.Gramian(jnp.zeros((num_tasks, num_tasks), dtype),
+                             jnp.zeros((), dtype))
   live = [s for s in sets if any(m and l.size for l, m in zip(lin.leaves, s))]
   if not live:
-    return _column_gramians(lin, sets, chunk_size)
+    return [empty for _ in sets]
   used = sorted({i for s in live for i, (l, m) in enumerate(zip(lin.leaves, s))
                  if m and l.size})
   blocks = factored_gramian.leaf_blocks(
@@ -225,8 +228,6 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple],
 
   grams = lax.cond(statistics.any_in_batch(bad), again, fast)
   by_set = dict(zip(live, grams))
-  empty = statistics.Gramian(jnp.zeros((num_tasks, num_tasks), dtype),
-                             jnp.zeros((), dtype))
   return [by_set.get(s, empty) for s in sets]
 
 
