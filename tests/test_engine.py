@@ -172,6 +172,19 @@ def test_large_leaves_take_the_blocked_cpu_gramian(dtype, scale, rtol):
                                rtol=rtol, atol=rtol * np.max(dense @ dense.T))
 
 
+@pytest.mark.parametrize("num_tasks", [17, 21])
+def test_blocked_cpu_gramian_with_grouped_transposes(num_tasks):
+  # Above 16 tasks the blocks are transposed 4 rows at a time (21: a last
+  # group of 1); rows 2**15 entries apart, as a [T, 256, 128] weight's are.
+  leaf = jax.random.normal(jax.random.key(7), (num_tasks, 256, 128))
+  hlo = jax.jit(mtl.gramian).lower({"w": leaf}).compile().as_text()
+  assert "f32[8192,4]" in hlo  # a group of 4 rows of an 8,192-column block
+  rows = np.asarray(leaf, np.float64).reshape(num_tasks, -1)
+  exact = rows @ rows.T
+  got = full_gramian_jnp(jax.jit(mtl.gramian)({"w": leaf}))
+  np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6 * np.max(exact))
+
+
 def test_blocked_cpu_gramian_under_vmap():
   stacked = jax.random.normal(jax.random.key(6), (2, 3, 40_000))
   batched = jax.vmap(lambda g: full_gramian_jnp(mtl.gramian(g)))(stacked)

@@ -1,5 +1,7 @@
 """mtl.value_and_jacobian on plain pytrees and Flax NNX modules."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,10 @@ import pytest
 from flax import nnx
 
 import optax_mtl as mtl
+from optax_mtl._src.paths import jacobian
+from optax_mtl._src.paths import weight_products
+
+import product_models
 
 
 def quadratic_losses(params, x):
@@ -188,3 +194,79 @@ def test_convolution_jacobian_matches_per_task_grad(num_tasks):
       params, jnp.stack([x, 2.0 * x]))
   np.testing.assert_allclose(batched[1]["k"][0], task_grads["k"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(batched[0][0], losses, rtol=1e-6)
+
+
+def _per_task(loss, params, x, y):
+  num_tasks = loss(params, x, y).shape[0]
+  return [jax.grad(lambda p, t=t: loss(p, x, y)[t])(params) for t in range(num_tasks)]
+
+
+@pytest.mark.parametrize("batched", ["by_memory", "never"])
+@pytest.mark.parametrize("name", sorted(product_models.MODELS))
+def test_weight_products_give_each_tasks_gradient(name, batched, monkeypatch):
+  # Dense-layer weights come from one batched product; every other leaf from
+  # the backward passes. Both ways give task t's own gradient, in the layout
+  # of the parameters.
+  if batched == "never":
+    monkeypatch.setattr(jacobian, "_batched_is_lean", lambda analysis, index: False)
+  params, loss, x, y = product_models.MODELS[name]()
+  losses, task_grads = jax.jit(mtl.value_and_jacobian(loss))(params, x, y)
+  np.testing.assert_allclose(losses, loss(params, x, y), rtol=1e-6)
+  for t, want in enumerate(_per_task(loss, params, x, y)):
+    for got, expected in zip(jax.tree.leaves(task_grads), jax.tree.leaves(want)):
+      assert got.shape == (product_models.T,) + expected.shape
+      np.testing.assert_allclose(got[t], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_gradients_come_out_of_one_batched_product():
+  # A [48, 40] weight's T gradients: one dot with the tasks as a batch
+  # dimension writes them; no per-task [48, 40] product is stacked.
+  params = {"w": product_models.normal(0, (48, 40)),
+            "heads": product_models.normal(1, (40, product_models.T))}
+  x = product_models.normal(2, (4, 48), 1.0)
+  y = product_models.normal(3, (4, product_models.T), 1.0)
+
+  def loss(p, x, y):
+    return product_models.mse(jnp.tanh(x @ p["w"]) @ p["heads"], y)
+
+  hlo = jax.jit(mtl.value_and_jacobian(loss)).lower(params, x, y).compile().as_text()
+  dots = [line for line in hlo.splitlines() if " dot(" in line]
+  assert any(re.search(r"= f32\[3,48,40\].* dot\(.*lhs_batch_dims=\{0\}", line)
+             for line in dots), dots
+  assert not any(re.search(r"= f32\[(48,40|40,48)\]", line) for line in dots), dots
+
+
+def test_token_wise_layer_over_many_tokens_is_not_batched():
+  # 64 tokens through a 6 x 4 weight: the T cotangents [T, 5, 64, 4] and the
+  # broadcast input outweigh the T gradients [T, 6, 4], so the backward passes
+  # give this leaf (and still each task's gradient).
+  def analysis_of(params, loss, x, y):
+    losses, vjp = jax.vjp(lambda p: loss(p, x, y), params)
+    return weight_products.analyse(lambda c: jax.tree.leaves(vjp(c)[0]), losses)
+
+  params, loss, _, y = product_models.MODELS["tokens"]()
+  x = product_models.normal(2, (5, 64, 6), 1.0)
+  analysis = analysis_of(params, loss, x, y)
+  names = sorted(params)
+  assert names.index("w") in analysis.products
+  assert not jacobian._batched_is_lean(analysis, names.index("w"))
+  _, task_grads = mtl.value_and_jacobian(loss)(params, x, y)
+  for t, want in enumerate(_per_task(loss, params, x, y)):
+    np.testing.assert_allclose(task_grads["w"][t], want["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_batched_weight_products_under_vmap_and_in_bfloat16():
+  params, loss, x, y = product_models.MODELS["mlp"]()
+  fn = mtl.value_and_jacobian(loss)
+  _, task_grads = fn(params, x, y)
+  _, batched = jax.vmap(fn, in_axes=(None, 0, None))(params, jnp.stack([x, 2.0 * x]), y)
+  _, doubled = fn(params, 2.0 * x, y)
+  for one, two, got in zip(jax.tree.leaves(task_grads), jax.tree.leaves(doubled),
+                           jax.tree.leaves(batched)):
+    np.testing.assert_allclose(got[0], one, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], two, rtol=1e-5, atol=1e-6)
+  low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  _, low_grads = fn(low, x.astype(jnp.bfloat16), y.astype(jnp.bfloat16))
+  for got, want in zip(jax.tree.leaves(low_grads), jax.tree.leaves(task_grads)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.1, atol=0.05)

@@ -113,7 +113,7 @@ def test_inject_hyperparams_and_errors():
     mtl.mgda("loss").update(grads, None)
 
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 _MGDA = mtl.mgda()
 _MGDA_UPDATE = jax.jit(lambda g: _MGDA.update(g, _MGDA.init(None))[0])
@@ -122,6 +122,9 @@ _MGDA_UPDATE = jax.jit(lambda g: _MGDA.update(g, _MGDA.init(None))[0])
 @settings(max_examples=150, deadline=None)
 @given(num_tasks=st.integers(2, 5), seed=st.integers(0, 2**31 - 1),
        colinear=st.booleans())
+# Norms 0.066 and 339: the long gradient's weight, ~2e-4, once came out as
+# 1 - gamma and kept only its rounding (a cosine of -5e-5 with that task).
+@example(num_tasks=2, seed=8201, colinear=False)
 def test_min_norm_update_conflicts_with_no_task(num_tasks, seed, colinear):
   # Random Jacobians, task scales from 1e-2 to 1e2, sometimes two nearly
   # colinear tasks: <u, g_t> >= 0 up to the float32 resolution of the

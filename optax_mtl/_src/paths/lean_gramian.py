@@ -33,6 +33,7 @@ from optax_mtl._src.engine import statistics
 from optax_mtl._src.paths import arguments
 from optax_mtl._src.paths import canonical_convolutions
 from optax_mtl._src.paths import factored_gramian
+from optax_mtl._src.paths import weight_products
 
 _NAME = "mtl.value_and_gramian_grad"
 _GRAMIAN_NAME = "mtl.value_and_gramian"
@@ -210,7 +211,7 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple],
   used = sorted({i for s in live for i, (l, m) in enumerate(zip(lin.leaves, s))
                  if m and l.size})
   blocks = factored_gramian.leaf_blocks(
-      factored_gramian.analyse(lin.vjp, lin.losses), used, dtype)
+      weight_products.analyse(lin.vjp, lin.losses), used, dtype)
   zero = jnp.zeros((num_tasks, num_tasks), dtype)
   raws = [sum((blocks[i] for i in used if s[i]), zero) for s in live]
   tiny = statistics.TINY_SQUARED_NORM[dtype]

@@ -44,16 +44,16 @@ def min_norm_weights(gram_matrix: jax.Array, max_iters=250, tol=1e-6):
   if num == 1:
     return jnp.ones((1,), jnp.float32)
   if num == 2:
-    gamma, _ = simplex.min_norm_pair(gram_matrix, 0, 1)
-    return jnp.stack([gamma, 1.0 - gamma])
+    gamma, rest, _ = simplex.min_norm_pair(gram_matrix, 0, 1)
+    return jnp.stack([gamma, rest])
 
   # Warm start: the best of the T (T - 1) / 2 exact two-task solutions.
   rows, cols = jnp.triu_indices(num, k=1)
-  gammas, values = jax.vmap(
+  gammas, rests, values = jax.vmap(
       lambda i, j: simplex.min_norm_pair(gram_matrix, i, j))(rows, cols)
   best = jnp.argmin(values)
   eye = jnp.eye(num, dtype=jnp.float32)
-  init = gammas[best] * eye[rows[best]] + (1.0 - gammas[best]) * eye[cols[best]]
+  init = gammas[best] * eye[rows[best]] + rests[best] * eye[cols[best]]
 
   def gradient(weights):
     return gram_matrix @ weights

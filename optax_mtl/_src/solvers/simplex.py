@@ -130,18 +130,23 @@ def min_norm_pair(gram: jax.Array, i, j):
 
   ``argmin_{gamma in [0, 1]} ||gamma g_i + (1 - gamma) g_j||^2`` is
   ``gamma = clip((G_jj - G_ij) / (G_ii - 2 G_ij + G_jj), 0, 1)`` (Sener &
-  Koltun 2018, Algorithm 1); identical gradients give ``gamma = 1/2``.
+  Koltun 2018, Algorithm 1); identical gradients give ``gamma = 1/2``. The
+  weight of ``g_j`` is computed as ``(G_ii - G_ij) / (G_ii - 2 G_ij + G_jj)``,
+  not as ``1 - gamma``: when ``g_j`` is much longer than ``g_i`` it is tiny,
+  and ``1 - gamma`` would keep only its float32 rounding (an error of ~6e-8
+  in a weight of ``g_j``, enough to make the update conflict with ``g_j``).
 
   Returns:
-    ``(gamma, value)``, the weight of ``g_i`` and the squared norm there.
+    ``(gamma, rest, value)``: the weights of ``g_i`` and ``g_j`` (summing to
+    one) and the squared norm there.
   """
   gii, gjj, gij = gram[i, i], gram[j, j], gram[i, j]
   denom = gii - 2.0 * gij + gjj
   safe = jnp.where(denom > 0, denom, 1.0)
   gamma = jnp.where(denom > 0, jnp.clip((gjj - gij) / safe, 0.0, 1.0), 0.5)
-  value = gamma * gamma * gii + 2.0 * gamma * (1.0 - gamma) * gij + (
-      1.0 - gamma) ** 2 * gjj
-  return gamma, value
+  rest = jnp.where(denom > 0, jnp.clip((gii - gij) / safe, 0.0, 1.0), 0.5)
+  value = gamma * gamma * gii + 2.0 * gamma * rest * gij + rest * rest * gjj
+  return gamma, rest, value
 
 
 # Ridge added to the support's (unit-diagonal, Jacobi-scaled) Hessian in the
