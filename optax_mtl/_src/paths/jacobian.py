@@ -127,6 +127,19 @@ def _all_at_once(vjp_fn, cotangent: jax.Array):
   return jax.tree.unflatten(jax.tree.structure(shapes), [grads[i] for i in indices])
 
 
+def stacked(vjp_fn, losses: jax.Array, chunk_size: int | None):
+  """Every task's gradient, stacked: ``vjp_fn`` (a [T] cotangent to a 1-tuple
+  of a pytree) on the rows of the identity, dense-layer weights from batched
+  products when all tasks run at once."""
+  num_tasks = losses.shape[0]
+  # Under an explicit-sharding mesh the batched products would need output
+  # shardings of their own; there the backward passes give every leaf.
+  if (chunk_size is None or chunk_size >= num_tasks) and (
+      jax.sharding.get_abstract_mesh().empty):
+    return _all_at_once(vjp_fn, losses)
+  return backward_passes(vjp_fn, num_tasks, losses.dtype, chunk_size)
+
+
 def value_and_jacobian(
     loss_fn: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
@@ -195,13 +208,7 @@ def value_and_jacobian(
     call = arguments.Call(args, argnums, chosen, _NAME)
     losses, vjp_fn, (aux, new_rest) = jax.vjp(
         call.pure(loss_fn, kwargs, has_aux, _NAME), call.values, has_aux=True)
-    # Under an explicit-sharding mesh the batched products would need output
-    # shardings of their own; there the backward passes give every leaf.
-    if (chunk_size is None or chunk_size >= losses.shape[0]) and (
-        jax.sharding.get_abstract_mesh().empty):
-      grads = _all_at_once(vjp_fn, losses)
-    else:
-      grads = backward_passes(vjp_fn, losses.shape[0], losses.dtype, chunk_size)
+    grads = stacked(vjp_fn, losses, chunk_size)
     call.write_back(new_rest)
     validation.num_tasks(grads, _NAME)
     task_grads = grads[0] if single else tuple(grads)

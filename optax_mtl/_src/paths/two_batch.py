@@ -190,8 +190,7 @@ def value_and_jacobians(
             f"{_NAME}: batch {len(losses_out) + 1} gives {losses.shape[0]} "
             f"losses but batch 1 gives {losses_out[0].shape[0]}; loss_fn must "
             f"return the same T tasks on every batch.")
-      grads = jacobian.backward_passes(
-          vjp_fn, losses.shape[0], losses.dtype, chunk_size)
+      grads = jacobian.stacked(vjp_fn, losses, chunk_size)
       call.write_back(new_rest)
       validation.num_tasks(grads, _NAME)
       losses_out.append(losses)
