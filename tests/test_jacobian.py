@@ -1,5 +1,6 @@
 """mtl.value_and_jacobian on plain pytrees and Flax NNX modules."""
 
+import contextlib
 import re
 
 import jax
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optax_mtl as mtl
 from optax_mtl._src.paths import jacobian
@@ -270,3 +272,26 @@ def test_batched_weight_products_under_vmap_and_in_bfloat16():
   for got, want in zip(jax.tree.leaves(low_grads), jax.tree.leaves(task_grads)):
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.1, atol=0.05)
+
+
+@pytest.mark.parametrize("mesh_context", [False, True])
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_sharded_jacobian_equals_single_device(axis_type, mesh_context):
+  # The batch sharded over the 4 devices (data parallel): without a mesh
+  # context the batched weight products are partitioned by XLA; within one
+  # (explicit or auto axes) the backward passes give every leaf. Both give
+  # the single-device Jacobian.
+  params, loss, x, y = product_models.MODELS["mlp"]()
+  x = jnp.concatenate([x] * 4)[:32]
+  y = jnp.concatenate([y] * 4)[:32]
+  fn = jax.jit(mtl.value_and_jacobian(loss))
+  want_losses, want = fn(params, x, y)
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(axis_type,))
+  batch = NamedSharding(mesh, P("d"))
+  placed = jax.device_put(params, NamedSharding(mesh, P()))
+  xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+  with jax.set_mesh(mesh) if mesh_context else contextlib.nullcontext():
+    losses, got = fn(placed, xs, ys)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
