@@ -94,7 +94,8 @@ def leaf_blocks(analysis: weight_products.Analysis, wanted: Sequence[int],
   """
   cheaper = factored(analysis)
   gradients, factors = jacobian.all_tasks(
-      analysis, [i for i in wanted if i not in cheaper], [i for i in wanted if i in cheaper], unroll_on_cpu=True)
+      analysis, [i for i in wanted if i not in cheaper],
+      [i for i in wanted if i in cheaper], unroll_on_cpu=True)
   blocks = {i: _factored_block(analysis.products[i], x, d, dtype)
             for i, (x, d) in factors.items()}
   blocks.update((i, statistics.leaf_gramian(leaf, dtype)) for i, leaf in gradients.items())

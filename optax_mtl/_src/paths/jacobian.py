@@ -119,12 +119,18 @@ def all_tasks(analysis: weight_products.Analysis, gradients: Sequence[int],
 def _all_at_once(vjp_fn, cotangent: jax.Array):
   """What ``backward_passes`` gives on all T rows at once, dense-layer
   weights from batched products."""
-  (shapes,) = jax.eval_shape(vjp_fn, cotangent)
-  analysis = weight_products.analyse(lambda row: jax.tree.leaves(vjp_fn(row)[0]),
-                                     cotangent)
+  structure = []
+
+  def leaves(row):
+    (grads,) = vjp_fn(row)
+    flat, tree = jax.tree.flatten(grads)
+    structure.append(tree)  # read from the one trace analyse makes
+    return flat
+
+  analysis = weight_products.analyse(leaves, cotangent)
   indices = range(len(analysis.jaxpr.jaxpr.outvars))
   grads, _ = all_tasks(analysis, indices)
-  return jax.tree.unflatten(jax.tree.structure(shapes), [grads[i] for i in indices])
+  return jax.tree.unflatten(structure[0], [grads[i] for i in indices])
 
 
 def stacked(vjp_fn, losses: jax.Array, chunk_size: int | None):

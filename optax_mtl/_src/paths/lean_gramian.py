@@ -128,14 +128,28 @@ def _finish(columns, norms, dtype) -> statistics.Gramian:
   """
   largest = jnp.max(norms)
   safe = jnp.where(largest > 0, largest, 1.0)
-  transposed = (columns / safe) * (norms / safe)[:, None]
-  matrix = 0.5 * (transposed + transposed.T)
-  top = jnp.max(jnp.diagonal(matrix))
+  return _from_raw((columns / safe) * (norms / safe)[:, None], dtype, largest)
+
+
+def _from_raw(raw, dtype, unit=1.0) -> statistics.Gramian:
+  """``unit**2 raw`` (raw finite), symmetrised, as its normalized matrix and scale."""
+  raw = 0.5 * (raw + raw.T)
+  top = jnp.max(jnp.diagonal(raw))
   positive = top > 0
-  normalized = matrix / jnp.where(positive, top, 1.0)
-  scale = jnp.where(positive, largest * jnp.sqrt(jnp.where(positive, top, 1.0)),
-                    0.0)
+  normalized = raw / jnp.where(positive, top, 1.0)
+  scale = unit * jnp.sqrt(jnp.where(positive, top, 0.0))
   return statistics.Gramian(normalized.astype(dtype), scale.astype(dtype))
+
+
+def _live_sets(lin: _Linearized, sets: Sequence[tuple]):
+  """``(dtype, empty, live)``: the accumulation dtype, the Gramian of a set
+  with no entries, and the sets that have some."""
+  num_tasks = lin.losses.shape[0]
+  dtype = statistics.accumulation_dtype(lin.leaves)
+  empty = statistics.Gramian(jnp.zeros((num_tasks, num_tasks), dtype),
+                             jnp.zeros((), dtype))
+  live = [s for s in sets if any(m and l.size for l, m in zip(lin.leaves, s))]
+  return dtype, empty, live
 
 
 def _column_gramians(lin: _Linearized, sets: Sequence[tuple],
@@ -147,10 +161,7 @@ def _column_gramians(lin: _Linearized, sets: Sequence[tuple],
   JVPs of several sets run vmapped.
   """
   num_tasks = lin.losses.shape[0]
-  dtype = statistics.accumulation_dtype(lin.leaves)
-  empty = statistics.Gramian(jnp.zeros((num_tasks, num_tasks), dtype),
-                             jnp.zeros((), dtype))
-  live = [s for s in sets if any(m and l.size for l, m in zip(lin.leaves, s))]
+  dtype, empty, live = _live_sets(lin, sets)
   if not live:
     return [empty for _ in sets]
 
@@ -178,16 +189,6 @@ def _column_gramians(lin: _Linearized, sets: Sequence[tuple],
   return [by_set.get(s, empty) for s in sets]
 
 
-def _from_raw(raw, dtype) -> statistics.Gramian:
-  """A finite raw Gramian, symmetrised, as its normalized matrix and scale."""
-  raw = 0.5 * (raw + raw.T)
-  top = jnp.max(jnp.diagonal(raw))
-  positive = top > 0
-  normalized = raw / jnp.where(positive, top, 1.0)
-  scale = jnp.sqrt(jnp.where(positive, top, 0.0))
-  return statistics.Gramian(normalized.astype(dtype), scale.astype(dtype))
-
-
 def _gramians(lin: _Linearized, sets: Sequence[tuple],
               chunk_size) -> list[statistics.Gramian]:
   """The exact Gramian over each set of leaves.
@@ -202,10 +203,7 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple],
   num_tasks = lin.losses.shape[0]
   if chunk_size is not None and chunk_size < num_tasks:
     return _column_gramians(lin, sets, chunk_size)
-  dtype = statistics.accumulation_dtype(lin.leaves)
-  empty = statistics.Gramian(jnp.zeros((num_tasks, num_tasks), dtype),
-                             jnp.zeros((), dtype))
-  live = [s for s in sets if any(m and l.size for l, m in zip(lin.leaves, s))]
+  dtype, empty, live = _live_sets(lin, sets)
   if not live:
     return [empty for _ in sets]
   used = sorted({i for s in live for i, (l, m) in enumerate(zip(lin.leaves, s))
