@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,3 +328,43 @@ def test_errors():
   with pytest.raises(TypeError, match="forward mode.*custom_jvp"):
     mtl.value_and_gramian_grad(lambda w: jnp.stack([square(w).sum(), w.sum()]), tx)(
         tx.init(None), jnp.ones(2))
+
+
+def test_all_at_once_update_reuses_held_kernel_gradients():
+  # With chunk_size=None the convolution kernels' T gradients are computed for
+  # their Gramian blocks; the update takes them (sum_t w_t g_t) instead of a
+  # weighted backward pass through the convolutions: the compiled step holds
+  # exactly the Gramian's convolutions, and gives the same update.
+  k = jax.random.split(jax.random.key(3), 5)
+  params = {"trunk": {"k1": 0.5 * jax.random.normal(k[0], (3, 3, 2, 4)),
+                      "k2": 0.5 * jax.random.normal(k[1], (3, 3, 4, 4))},
+            "heads": 0.5 * jax.random.normal(k[2], (4, T))}
+  x, y = jax.random.normal(k[3], (3, 6, 6, 2)), jax.random.normal(k[4], (3, T))
+
+  def conv(h, kernel):
+    return jax.lax.conv_general_dilated(h, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def losses_fn(p, x, y):
+    h = jnp.tanh(conv(jnp.tanh(conv(x, p["trunk"]["k1"])), p["trunk"]["k2"]))
+    return jnp.mean((h.mean(axis=(1, 2)) @ p["heads"] - y) ** 2, axis=0)
+
+  tx = mtl.mgda(num_tasks=T, shared=SHARED)
+  lean = jax.jit(mtl.value_and_gramian_grad(losses_fn, tx, chunk_size=None))
+  jacobian = jax.jit(mtl.value_and_jacobian(losses_fn))
+  _, update, state = lean(tx.init(params), params, x, y)
+  losses, task_grads = jacobian(params, x, y)
+  expected, expected_state = tx.update(task_grads, tx.init(params), params, losses=losses)
+  close(update, expected)
+  close(state, expected_state)
+
+  def convolutions(fn, *args):
+    hlo = fn.lower(*args).compile().as_text()
+    return len(re.findall(r" convolution\(", hlo))
+  # The forward pass (2), then per task the second layer's input gradient
+  # and both kernel gradients (3 T).
+  assert convolutions(jacobian, params, x, y) == 2 + 3 * T
+  gramian = jax.jit(mtl.value_and_gramian(losses_fn, shared=SHARED, chunk_size=None))
+  # The Gramian's passes, and its one-task-at-a-time rescue from overflow.
+  assert convolutions(lean, tx.init(params), params, x, y) == convolutions(
+      gramian, params, x, y)
