@@ -135,6 +135,44 @@ def test_gramian_in_range_for_huge_and_tiny_gradients(factor):
   np.testing.assert_allclose(got.scale, want.scale, rtol=1e-4)
 
 
+@jax.custom_vjp
+def _tanh(v):
+  return jnp.tanh(v)
+
+
+_tanh.defvjp(lambda v: (jnp.tanh(v), v), lambda v, g: (g / jnp.cosh(v) ** 2,))
+
+
+def _reverse_only_loss(params, x, y):
+  # loss_fn through a jax.custom_vjp activation: no forward-mode rule.
+  h = _tanh(x @ params["trunk"]["w"] + params["trunk"]["b"][None, :])
+  return jnp.mean((h @ params["heads"] - y) ** 2, axis=0) * jnp.array([1.0, 4.0, 0.3, 2.0])
+
+
+@pytest.mark.parametrize("factor", [1.0, 1e20, 1e-20])
+def test_all_at_once_needs_reverse_mode_only(factor):
+  # chunk_size=None takes VJPs only, also when a Gramian out of float32's
+  # range is computed again from the unit gradients: a jax.custom_vjp
+  # function is fine there, at any scale, with members reading two sets.
+  scaled = lambda p, x, y: factor * _reverse_only_loss(p, x, y)
+  params = init_params()
+  x, y = batch(0)
+  _, task_grads = mtl.value_and_jacobian(scaled)(params, x, y)
+  mask = {"trunk": {"w": True, "b": True}, "heads": False}
+  want = mtl.gramian(task_grads, mask)
+  _, got = mtl.value_and_gramian(scaled, shared=SHARED, chunk_size=None)(params, x, y)
+  assert np.all(np.isfinite(got.normalized))
+  np.testing.assert_allclose(got.normalized, want.normalized, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got.scale, want.scale, rtol=1e-4)
+  tx = mtl.chain(mtl.normalize_gradients(num_tasks=T), mtl.mgda(num_tasks=T, shared=SHARED))
+  losses, update, state = mtl.value_and_gramian_grad(scaled, tx, chunk_size=None)(
+      tx.init(params), params, x, y)
+  expected, expected_state = tx.update(task_grads, tx.init(params), params, losses=losses)
+  close(jax.tree.map(lambda u: u / factor, update),
+        jax.tree.map(lambda u: u / factor, expected), rtol=1e-3)
+  close(state, expected_state, rtol=1e-3)
+
+
 def test_zero_gradients_give_no_nan():
   # T = 4 tasks, as elsewhere: the solvers compiled for that shape are reused.
   w = jnp.array([1.0, -2.0, 0.5])
@@ -325,7 +363,7 @@ def test_errors():
   def square(v):
     return v ** 2
   square.defvjp(lambda v: (v ** 2, v), lambda v, g: (2 * v * g,))
-  with pytest.raises(TypeError, match="forward mode.*custom_jvp"):
+  with pytest.raises(TypeError, match="forward mode.*chunk_size=None.*custom_jvp"):
     mtl.value_and_gramian_grad(lambda w: jnp.stack([square(w).sum(), w.sum()]), tx)(
         tx.init(None), jnp.ones(2))
 

@@ -62,16 +62,18 @@ def _forward_mode_hint(name: str):
       raise
     first_line = str(error).split("\n")[0]
     raise TypeError(
-        f"{name} differentiates loss_fn in forward mode (JVPs along the task "
-        f"gradients) as well as in reverse mode, and loss_fn does not support "
-        f"forward mode ({first_line}). A jax.custom_vjp function needs a JVP "
-        f"rule (define it with jax.custom_jvp) for this path; or use the "
-        f"stacked path: losses, task_grads = mtl.value_and_jacobian(loss_fn)"
-        f"(...), then tx.update(task_grads, state, params, losses=losses).") from None
+        f"{name} with a chunk_size differentiates loss_fn in forward mode "
+        f"(JVPs along the task gradients) as well as in reverse mode, and "
+        f"loss_fn does not support forward mode ({first_line}). Pass "
+        f"chunk_size=None (all tasks at once, reverse mode only); or give the "
+        f"jax.custom_vjp function a JVP rule (define it with jax.custom_jvp); "
+        f"or use the stacked path: losses, task_grads = "
+        f"mtl.value_and_jacobian(loss_fn)(...), then tx.update(task_grads, "
+        f"state, params, losses=losses).") from None
 
 
 class _Linearized:
-  """One forward pass of ``loss_fn``, linearised: its VJP and JVP on flat leaves.
+  """One forward pass of ``loss_fn``, linearised: its VJP (and JVP) on flat leaves.
 
   Attributes:
     losses: [T] task losses.
@@ -80,13 +82,22 @@ class _Linearized:
     name: the public function's name, for error messages.
   """
 
-  def __init__(self, call: arguments.Call, loss_fn, kwargs, has_aux, name):
+  def __init__(self, call: arguments.Call, loss_fn, kwargs, has_aux, name,
+               forward_mode: bool):
+    """``forward_mode``: linearise in forward mode (for :meth:`jvp`), not
+    only in reverse mode (enough for :meth:`vjp`, and for ``jax.custom_vjp``
+    functions)."""
     values = call.values
     self.name = name
     self.leaves, self._treedef = jax.tree.flatten(values)
-    self.losses, self._jvp, self.aux = jax.linearize(
-        call.pure(loss_fn, kwargs, has_aux, name), values, has_aux=True)
-    self._vjp = jax.linear_transpose(self._jvp, values)
+    pure = call.pure(loss_fn, kwargs, has_aux, name)
+    self._jvp = None
+    if forward_mode:
+      with _forward_mode_hint(name):
+        self.losses, self._jvp, self.aux = jax.linearize(pure, values, has_aux=True)
+      self._vjp = jax.linear_transpose(self._jvp, values)
+    else:
+      self.losses, self._vjp, self.aux = jax.vjp(pure, values, has_aux=True)
 
   def vjp(self, cotangent: jax.Array) -> list:
     """``sum_t c_t grad L_t`` as a list of leaves."""
@@ -179,17 +190,55 @@ def _column_gramians(lin: _Linearized, sets: Sequence[tuple],
     return columns, jnp.stack([n for _, n in pairs])
 
   rows = jnp.eye(num_tasks, dtype=lin.losses.dtype)
-  if chunk_size is None or chunk_size >= num_tasks:
-    columns, norms = jax.vmap(column)(rows)
-  else:
-    # The loop body is traced, then re-evaluated with its convolutions
-    # rewritten: a forward-mode failure may surface only then.
-    with _forward_mode_hint(lin.name):
-      columns, norms = canonical_convolutions.loop_map(column, rows, chunk_size)
+  # The loop body is traced, then re-evaluated with its convolutions
+  # rewritten: a forward-mode failure may surface only then.
+  with _forward_mode_hint(lin.name):
+    columns, norms = canonical_convolutions.loop_map(column, rows, chunk_size)
   # columns: [T, sets, T], norms: [T, sets].
   by_set = {s: _finish(columns[:, i], norms[:, i], dtype)
             for i, s in enumerate(live)}
   return [by_set.get(s, empty) for s in sets]
+
+
+def _all_at_once(lin: _Linearized, used: Sequence[int], dtype, scales=None):
+  """``factored_gramian.leaf_blocks`` of the used leaves, each task's
+  cotangent ``e_t`` scaled by ``scales[t]`` if given."""
+  vjp = lin.vjp if scales is None else (lambda c: lin.vjp(c * scales))
+  return factored_gramian.leaf_blocks(weight_products.analyse(vjp, lin.losses),
+                                      used, dtype)
+
+
+def _rescaled_gramians(lin: _Linearized, live: Sequence[tuple],
+                       dtype) -> list[statistics.Gramian]:
+  """The Gramian of each set from its unit task gradients: in range whenever
+  the gradients are, with reverse mode only.
+
+  One task at a time, a VJP gives ``g_t`` and its norm ``n_t`` over the set
+  (computed as ``m ||g_t / m||``, ``m`` its largest entry). Then all tasks at
+  once with the cotangents ``e_t / n_t``: the blocks of ``u_t = g_t / n_t``,
+  entries in [-1, 1], and ``G = diag(n) U diag(n)`` normalised without
+  forming ``G``. A zero gradient gets a zero row and column.
+  """
+  def set_norms(row):
+    leaves = lin.vjp(row)
+    return jnp.stack([_unit(leaves, mask, dtype)[1] for mask in live])
+
+  rows = jnp.eye(lin.losses.shape[0], dtype=lin.losses.dtype)
+  norms = canonical_convolutions.loop_map(set_norms, rows)  # [T, sets]
+  smallest = jnp.finfo(dtype).tiny
+  grams = []
+  for i, mask in enumerate(live):
+    # Divisors whose inverse is a finite normal number: a norm beyond that
+    # range is clipped, and the matrix rebuilt from the divisors applied.
+    applied = jnp.where(norms[:, i] > 0, jnp.clip(norms[:, i], smallest, 1 / smallest), 0.0)
+    scales = jnp.where(applied > 0, 1 / jnp.where(applied > 0, applied, 1.0), 0.0)
+    used = [j for j, (l, m) in enumerate(zip(lin.leaves, mask)) if m and l.size]
+    blocks, _ = _all_at_once(lin, used, dtype, scales.astype(lin.losses.dtype))
+    unit = sum(blocks[j] for j in used)
+    top = jnp.max(applied)
+    ratio = applied / jnp.where(top > 0, top, 1.0)
+    grams.append(_from_raw(unit * ratio[:, None] * ratio[None, :], dtype, top))
+  return grams
 
 
 def _gramians(lin: _Linearized, sets: Sequence[tuple], chunk_size
@@ -201,8 +250,8 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple], chunk_size
   all tasks at once, leaf by leaf (``factored_gramian``: dense-layer weights
   from their inputs and the T output cotangents, other leaves from their T
   gradients, which are returned, leaf index -> [T, ...]); a Gramian that
-  overflows or underflows there is computed again one task at a time, which
-  keeps it in range.
+  overflows or underflows there is computed again from the unit task
+  gradients (:func:`_rescaled_gramians`), which keeps it in range.
   """
   num_tasks = lin.losses.shape[0]
   if chunk_size is not None and chunk_size < num_tasks:
@@ -212,24 +261,17 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple], chunk_size
     return [empty for _ in sets], {}
   used = sorted({i for s in live for i, (l, m) in enumerate(zip(lin.leaves, s))
                  if m and l.size})
-  blocks, gradients = factored_gramian.leaf_blocks(
-      weight_products.analyse(lin.vjp, lin.losses), used, dtype)
+  blocks, gradients = _all_at_once(lin, used, dtype)
   zero = jnp.zeros((num_tasks, num_tasks), dtype)
   raws = [sum((blocks[i] for i in used if s[i]), zero) for s in live]
   tiny = statistics.TINY_SQUARED_NORM[dtype]
-  tops = [jnp.max(jnp.diagonal(raw)) for raw in raws]
-  bad = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(raw)) | ((top > 0) & (top < tiny))
-                           for raw, top in zip(raws, tops)]))
-
-  def fast():
-    return [_from_raw(raw, dtype) for raw in raws]
-
-  def again():
-    # One task at a time: the rescue holds one gradient, not T.
-    with _forward_mode_hint(lin.name):
-      return _column_gramians(lin, live, 1)
-
-  grams = lax.cond(statistics.any_in_batch(bad), again, fast)
+  # A zero matrix too: products of gradients below about 1e-19 (float32)
+  # may have been flushed to zero.
+  bad = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(raw)) | (jnp.max(jnp.diagonal(raw)) < tiny)
+                           for raw in raws]))
+  grams = lax.cond(statistics.any_in_batch(bad),
+                   lambda: _rescaled_gramians(lin, live, dtype),
+                   lambda: [_from_raw(raw, dtype) for raw in raws])
   by_set = dict(zip(live, grams))
   return [by_set.get(s, empty) for s in sets], gradients
 
@@ -279,25 +321,29 @@ def value_and_gramian(
   Either gives the matrix that ``mtl.gramian(task_grads, mask)`` gives on
   the stacked path, kept in range the same way (see below).
 
-  Range: with ``chunk_size=None`` a Gramian that overflows or underflows
-  (gradients beyond about 1e19 or below 1e-15 in float32) is computed again
-  one task at a time. There the JVP runs along the unit vector ``g_t / ||g_t||``, whose norm is
-  computed as ``m ||g_t / m||`` (``m`` its largest entry), so each computed
-  entry ``<g_s, g_t> / ||g_t||`` is at most ``||g_s||``: no overflow or
-  underflow while the gradients themselves are in range (float32 gradients
-  of 1e20 or 1e-20 give the right normalized matrix and scale, in one pass,
-  where ``G`` itself would overflow or underflow). A zero task gradient
+  Range: one chunk at a time, the JVP runs along the unit vector ``g_t /
+  ||g_t||``, whose norm is computed as ``m ||g_t / m||`` (``m`` its largest
+  entry), so each computed entry ``<g_s, g_t> / ||g_t||`` is at most
+  ``||g_s||``: no overflow or underflow while the gradients themselves are in
+  range (float32 gradients of 1e20 or 1e-20 give the right normalized matrix
+  and scale, in one pass, where ``G`` itself would overflow or underflow).
+  With ``chunk_size=None`` a Gramian that overflows or underflows (gradients
+  beyond about 1e19 or below 1e-15 in float32, or all its products flushed to
+  zero) is computed again from the unit gradients: the norms one task at a
+  time, then the blocks of ``g_t / ||g_t||`` from the cotangents ``e_t /
+  ||g_t||``, all tasks at once, with the same guarantee. A zero task gradient
   gives a zero row and column, and all-zero gradients a zero matrix with
   scale 0, never NaN. Gradients that are not finite (inf or NaN out of the
   VJP) give a non-finite Gramian, as on the stacked path. The entries are
-  computed by ``loss_fn``'s own operations in forward mode, so their
-  precision is that of its matrix products (TF32 on recent GPUs by default;
+  computed by ``loss_fn``'s own operations (in forward mode, one chunk at a
+  time), so their precision is that of its matrix products (TF32 on recent GPUs by default;
   ``jax.default_matmul_precision("highest")`` for full float32).
 
   Args:
     loss_fn: function returning a [T] vector of task losses, or ``(losses,
-      aux)`` with ``has_aux``. It must support forward-mode differentiation
-      (a ``jax.custom_vjp`` function without a JVP rule does not).
+      aux)`` with ``has_aux``. With a ``chunk_size`` it must support
+      forward-mode differentiation (a ``jax.custom_vjp`` function without a
+      JVP rule does not); ``chunk_size=None`` needs reverse mode only.
     argnums: which positional argument(s) to differentiate (pytrees of arrays
       or Flax NNX modules, as for ``value_and_jacobian``).
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
@@ -318,7 +364,8 @@ def value_and_gramian(
     ValueError: ``losses`` is not a vector, ``argnums`` does not match the
       call, the mask does not match the parameters, or ``chunk_size`` is not
       a positive int.
-    TypeError: ``loss_fn`` does not support forward mode.
+    TypeError: ``loss_fn`` does not support forward mode (with a
+      ``chunk_size``).
 
   Example:
     >>> import jax.numpy as jnp, optax_mtl as mtl
@@ -340,7 +387,8 @@ def value_and_gramian(
   def wrapped(*args, **kwargs):
     call = arguments.Call(args, argnums, chosen, _GRAMIAN_NAME)
     mask = _mask_leaves(shared, call.values, single, _GRAMIAN_NAME)
-    lin = _Linearized(call, loss_fn, kwargs, has_aux, _GRAMIAN_NAME)
+    lin = _Linearized(call, loss_fn, kwargs, has_aux, _GRAMIAN_NAME,
+                      forward_mode=chunk_size is not None)
     (gram,), _ = _gramians(lin, [mask], chunk_size)
     aux, new_rest = lin.aux
     call.write_back(new_rest)
@@ -451,8 +499,9 @@ def value_and_gramian_grad(
 
   Args:
     loss_fn: function returning a [T] vector of task losses, or ``(losses,
-      aux)`` with ``has_aux``; it must support forward mode (a
-      ``jax.custom_vjp`` function needs a JVP rule). Arguments at
+      aux)`` with ``has_aux``; with a ``chunk_size`` it must support
+      forward mode (a ``jax.custom_vjp`` function needs a JVP rule), with
+      ``chunk_size=None`` reverse mode is enough. Arguments at
       ``argnums`` may be pytrees of arrays or Flax NNX modules (gradients
       w.r.t. their ``nnx.Param``, returned as an ``nnx.State``; their other
       state advances once).
@@ -478,7 +527,7 @@ def value_and_gramian_grad(
 
   Raises:
     TypeError: ``method`` is not a method of this library (at construction),
-      or ``loss_fn`` does not support forward mode.
+      or ``loss_fn`` does not support forward mode (with a ``chunk_size``).
     ValueError: ``losses`` is not a vector, ``chunk_size`` is invalid, or a
       ``shared=`` mask does not match the parameters.
 
@@ -508,7 +557,8 @@ def value_and_gramian_grad(
   def wrapped(state, *args, method_args=None, **kwargs):
     call = arguments.Call(args, argnums, chosen, _NAME + " (after the method state)")
     mask = _mask_leaves(combine_mask, call.values, single, last.weighting.name)
-    lin = _Linearized(call, loss_fn, kwargs, has_aux, _NAME)
+    lin = _Linearized(call, loss_fn, kwargs, has_aux, _NAME,
+                      forward_mode=chunk_size is not None)
     losses = lin.losses
     weights, new_state, held = _weights(method, state, lin, call.values, single,
                                         chunk_size, lax.stop_gradient(losses),
