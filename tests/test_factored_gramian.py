@@ -170,3 +170,20 @@ def test_memory_below_the_stacked_path():
   assert stacked > 6 * grad_bytes, stacked
   assert factored < 3 * grad_bytes, (factored, grad_bytes)
   assert factored < 0.3 * stacked, (factored, stacked)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_factored_block_in_range_for_huge_and_tiny_inputs(scale, monkeypatch):
+  # Inputs of 1e20 (or 1e-20) and gradients of about 1: x x^T alone would
+  # overflow (underflow), the block <x^T d_s, x^T d_t> is in range.
+  monkeypatch.setattr(factored_gramian, "_factored_is_cheaper", lambda p, t: True)
+  params = {"w": _normal(0, (4, 3))}
+  x = scale * _normal(1, (5, 4), 1.0)
+  mix = _normal(2, (3, T), 1.0)
+
+  def loss(p, x, y):
+    return jnp.mean((x @ p["w"]) @ mix, axis=0) / scale + 0.0 * y
+
+  _, got = mtl.value_and_gramian(loss, chunk_size=None)(params, x, jnp.zeros(T))
+  assert np.all(np.isfinite(got.normalized)) and float(got.scale) > 0
+  _assert_same(got, _stacked(loss, params, x, jnp.zeros(T)))

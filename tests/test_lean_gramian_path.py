@@ -195,6 +195,18 @@ def test_zero_gradients_give_no_nan():
     np.testing.assert_array_equal(grads, np.zeros(3))
 
 
+def test_non_finite_gradient_gives_a_non_finite_scale():
+  # As on the stacked path: NaN, never the scale 0 of all-zero gradients.
+  w = jnp.array([1.0, -2.0, 0.5])
+  losses = lambda w: jnp.stack([jnp.sum(w ** 2), jnp.inf * jnp.sum(w), jnp.sum(jnp.sin(w)),
+                                jnp.sum(w)])
+  _, task_grads = mtl.value_and_jacobian(losses)(w)
+  assert np.isnan(mtl.gramian(task_grads).scale)
+  for chunk_size in (1, None):
+    _, gram = mtl.value_and_gramian(losses, chunk_size=chunk_size)(w)
+    assert np.isnan(gram.scale), chunk_size
+
+
 def test_only_heads_no_shared_leaves():
   # Every leaf is a head: the Gramian is over nothing, heads are summed.
   tx = mtl.mgda(shared=lambda p: jax.tree.map(lambda _: False, p))

@@ -140,6 +140,35 @@ def test_finite_on_degenerate_inputs(case, kind):
       assert np.all(np.isfinite(leaf.astype(np.float64))), (kind, leaf)
 
 
+# Methods drawing random numbers leaf by leaf: another leaf, even an empty
+# one, changes the keys of the others.
+DRAWS_PER_LEAF = {"graddrop"}
+
+
+def _with_empty_leaf(tree, shape):
+  return {**tree, "trunk": {**tree["trunk"], "empty": jnp.zeros(shape, jnp.float32)}}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_zero_size_leaf_changes_nothing(case):
+  # A parameter with no entries (an empty bias) gets an empty update, and
+  # the other leaves the update they get without it.
+  num_tasks = 3
+  params = make_params()
+  grads = [random_grads(num_tasks, seed=s) for s in (0, 1)]
+  want, _ = run(case.make(num_tasks), grads, params, num_tasks)
+  got, _ = run(case.make(num_tasks), [_with_empty_leaf(g, (num_tasks, 0)) for g in grads],
+               _with_empty_leaf(params, (0,)), num_tasks)
+  for a, b in zip(want, got):
+    empty = b["trunk"].pop("empty")
+    assert empty.shape == ((0,) if case.kind == "aggregator" else (num_tasks, 0))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      if case.name in DRAWS_PER_LEAF:
+        assert y.shape == x.shape and np.all(np.isfinite(np.asarray(y)))
+      else:
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_state_is_stable_pytree_of_arrays(case):
   num_tasks = 3

@@ -123,7 +123,7 @@ def _raw(pairs, num_tasks, dtype, divisors):
 def _magnitude(leaves, dtype):
   largest = jnp.zeros((), dtype)
   for leaf in leaves:
-    largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf)).astype(dtype))
+    largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf), initial=0).astype(dtype))
   return jnp.where(largest > 0, largest, 1.0)
 
 

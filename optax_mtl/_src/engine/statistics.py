@@ -257,7 +257,7 @@ def _task_statistics(task_grads: Any, requests: tuple) -> list[Statistics]:
       magnitude = jnp.zeros((), dtype)
       for leaf, selected in zip(leaves, request.mask):
         if selected:
-          magnitude = jnp.maximum(magnitude, jnp.max(jnp.abs(leaf)).astype(dtype))
+          magnitude = jnp.maximum(magnitude, jnp.max(jnp.abs(leaf), initial=0).astype(dtype))
       divisors.append(jnp.where(magnitude > 0, magnitude, 1.0))
     scaled = _raw(leaves, requests, dtype, divisors)
     return ([jnp.where(b, s, r) for b, s, r in zip(bad, scaled, raws)],

@@ -151,7 +151,8 @@ def _from_raw(raw, dtype, unit=1.0) -> statistics.Gramian:
   top = jnp.max(jnp.diagonal(raw))
   positive = top > 0
   normalized = raw / jnp.where(positive, top, 1.0)
-  scale = unit * jnp.sqrt(jnp.where(positive, top, 0.0))
+  # NaN stays NaN (a non-finite gradient), as on the stacked path.
+  scale = unit * jnp.sqrt(jnp.maximum(top, 0.0))
   return statistics.Gramian(normalized.astype(dtype), scale.astype(dtype))
 
 
