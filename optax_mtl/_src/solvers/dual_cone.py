@@ -71,13 +71,16 @@ _STALL = 0.9
 
 
 def padded_size(num: int) -> int:
-  """The size T is padded to: 4, 8, 16, ... (at least T).
+  """The size T is padded to: 4, then the multiples of 8 (at least T).
 
   Padding with zero gradients changes no solution (their rows are fixed and
-  no constraint) and lets eager updates with T = 1..4, 5..8, ... share one
-  compiled solver.
+  no constraint) and lets eager updates with T = 1..4, 5..8, 9..16, ...
+  share one compiled solver. Multiples of 8 rather than powers of two: the
+  padded rows are solved too, and each active-set step factorises every
+  row's matrix (measured on a 2-core CPU, UPGrad's 40 projections on a
+  40-task Gramian with conflicts: 11 ms at size 40, 28 ms at 64).
   """
-  return max(4, 1 << (num - 1).bit_length())
+  return 4 if num <= 4 else 8 * -(-num // 8)
 
 
 def pad(array: jax.Array, size: int) -> jax.Array:
