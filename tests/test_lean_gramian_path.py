@@ -146,7 +146,8 @@ _tanh.defvjp(lambda v: (jnp.tanh(v), v), lambda v, g: (g / jnp.cosh(v) ** 2,))
 def _reverse_only_loss(params, x, y):
   # loss_fn through a jax.custom_vjp activation: no forward-mode rule.
   h = _tanh(x @ params["trunk"]["w"] + params["trunk"]["b"][None, :])
-  return jnp.mean((h @ params["heads"] - y) ** 2, axis=0) * jnp.array([1.0, 4.0, 0.3, 2.0])
+  scales = jnp.array([1.0, 4.0, 0.3, 2.0])
+  return jnp.mean((h @ params["heads"] - y) ** 2, axis=0) * scales
 
 
 @pytest.mark.parametrize("factor", [1.0, 1e20, 1e-20])
@@ -164,7 +165,8 @@ def test_all_at_once_needs_reverse_mode_only(factor):
   assert np.all(np.isfinite(got.normalized))
   np.testing.assert_allclose(got.normalized, want.normalized, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(got.scale, want.scale, rtol=1e-4)
-  tx = mtl.chain(mtl.normalize_gradients(num_tasks=T), mtl.mgda(num_tasks=T, shared=SHARED))
+  tx = mtl.chain(mtl.normalize_gradients(num_tasks=T),
+                 mtl.mgda(num_tasks=T, shared=SHARED))
   losses, update, state = mtl.value_and_gramian_grad(scaled, tx, chunk_size=None)(
       tx.init(params), params, x, y)
   expected, expected_state = tx.update(task_grads, tx.init(params), params, losses=losses)
@@ -198,8 +200,8 @@ def test_zero_gradients_give_no_nan():
 def test_non_finite_gradient_gives_a_non_finite_scale():
   # As on the stacked path: NaN, never the scale 0 of all-zero gradients.
   w = jnp.array([1.0, -2.0, 0.5])
-  losses = lambda w: jnp.stack([jnp.sum(w ** 2), jnp.inf * jnp.sum(w), jnp.sum(jnp.sin(w)),
-                                jnp.sum(w)])
+  losses = lambda w: jnp.stack([jnp.sum(w ** 2), jnp.inf * jnp.sum(w),
+                                jnp.sum(jnp.sin(w)), jnp.sum(w)])
   _, task_grads = mtl.value_and_jacobian(losses)(w)
   assert np.isnan(mtl.gramian(task_grads).scale)
   for chunk_size in (1, None):

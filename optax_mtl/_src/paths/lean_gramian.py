@@ -13,7 +13,8 @@ blocks from their T gradients. The method's weights then come from ``G``
 alone, and one weighted VJP gives the update (all tasks at once: of the
 dense-layer weights; the other leaves contract their T gradients). The
 loss function is linearised once (one forward pass, its residuals kept as a
-VJP keeps them); every VJP and JVP reuses that linearisation.
+VJP keeps them; in reverse mode only with ``chunk_size=None``); every VJP
+and JVP reuses that linearisation.
 
 Like TorchJD's "autogram", the Gramian is exact (the stacked path's matrix, up
 to float rounding) and the gradients are never stacked.
@@ -231,7 +232,8 @@ def _rescaled_gramians(lin: _Linearized, live: Sequence[tuple],
   for i, mask in enumerate(live):
     # Divisors whose inverse is a finite normal number: a norm beyond that
     # range is clipped, and the matrix rebuilt from the divisors applied.
-    applied = jnp.where(norms[:, i] > 0, jnp.clip(norms[:, i], smallest, 1 / smallest), 0.0)
+    norm = norms[:, i]
+    applied = jnp.where(norm > 0, jnp.clip(norm, smallest, 1 / smallest), 0.0)
     scales = jnp.where(applied > 0, 1 / jnp.where(applied > 0, applied, 1.0), 0.0)
     used = [j for j, (l, m) in enumerate(zip(lin.leaves, mask)) if m and l.size]
     blocks, _ = _all_at_once(lin, used, dtype, scales.astype(lin.losses.dtype))
@@ -268,8 +270,8 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple], chunk_size
   tiny = statistics.TINY_SQUARED_NORM[dtype]
   # A zero matrix too: products of gradients below about 1e-19 (float32)
   # may have been flushed to zero.
-  bad = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(raw)) | (jnp.max(jnp.diagonal(raw)) < tiny)
-                           for raw in raws]))
+  bad = jnp.any(jnp.stack([
+      ~jnp.all(jnp.isfinite(raw)) | (jnp.max(jnp.diagonal(raw)) < tiny) for raw in raws]))
   grams = lax.cond(statistics.any_in_batch(bad),
                    lambda: _rescaled_gramians(lin, live, dtype),
                    lambda: [_from_raw(raw, dtype) for raw in raws])
@@ -337,8 +339,9 @@ def value_and_gramian(
   scale 0, never NaN. Gradients that are not finite (inf or NaN out of the
   VJP) give a non-finite Gramian, as on the stacked path. The entries are
   computed by ``loss_fn``'s own operations (in forward mode, one chunk at a
-  time), so their precision is that of its matrix products (TF32 on recent GPUs by default;
-  ``jax.default_matmul_precision("highest")`` for full float32).
+  time), so their precision is that of its matrix products (TF32 on recent
+  GPUs by default; ``jax.default_matmul_precision("highest")`` for full
+  float32).
 
   Args:
     loss_fn: function returning a [T] vector of task losses, or ``(losses,
