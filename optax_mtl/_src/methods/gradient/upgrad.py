@@ -58,8 +58,13 @@ def _resolved(gram_matrix, coefficients, residuals):
 @jax.jit
 def _padded_projections(gram_matrix):
   eye = jnp.eye(gram_matrix.shape[0], dtype=jnp.float32)
-  coefficients, residuals = jax.vmap(
-      lambda e: dual_cone.project(gram_matrix, e))(eye)
+  project = lambda e: dual_cone.project(gram_matrix, e)
+  # On CPU one problem after another: each stops after its own active-set
+  # steps, where vmapped problems all run until the slowest is done and a
+  # batched factorisation is no faster (measured on a 2-core CPU, T = 40
+  # with conflicts: 7.5 ms against 10.8 ms). Accelerators solve them together.
+  coefficients, residuals = jax.lax.platform_dependent(
+      eye, cpu=lambda rows: jax.lax.map(project, rows), default=jax.vmap(project))
   return _resolved(gram_matrix, coefficients, residuals)
 
 
@@ -75,8 +80,8 @@ def projection_coefficients(gram_matrix: jax.Array) -> tuple[jax.Array, jax.Arra
 
   Row i of the result holds ``v^(i) = argmin_{v >= e_i} v^T G v``, so the
   projection of ``g_i`` onto ``{u : <g_t, u> >= 0 for all t}`` is ``sum_t
-  v^(i)_t g_t``. The T problems are solved together (vmapped), on the
-  Gramian padded with zero gradients (see
+  v^(i)_t g_t``. The T problems are solved together (vmapped; on CPU one
+  after another), on the Gramian padded with zero gradients (see
   :func:`optax_mtl._src.solvers.dual_cone.padded_size`).
 
   Args:
@@ -159,7 +164,7 @@ def upgrad(
   v^(i)_t g_t`` with ``v^(i) = argmin_{v >= e_i} v^T G v``, a box-constrained
   QP on the T x T Gramian; its optimality conditions ``G v^(i) >= 0`` are the
   constraints, so the update conflicts with no task. The T problems are
-  solved together by an exact active-set method (see
+  solved together (on CPU one after another) by an exact active-set method (see
   :mod:`optax_mtl._src.solvers.dual_cone`), with the active constraints met a
   few ulps inside so they still hold after rounding. The weights ``w = sum_i
   p_i v^(i)`` depend on the Gramian only up to its scale, so the method is
