@@ -120,13 +120,6 @@ def _raw(pairs, num_tasks, dtype, divisors):
   return cross, first_sq, second_sq
 
 
-def _magnitude(leaves, dtype):
-  largest = jnp.zeros((), dtype)
-  for leaf in leaves:
-    largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf), initial=0).astype(dtype))
-  return jnp.where(largest > 0, largest, 1.0)
-
-
 def cross_gramian(first: Any, second: Any, mask: Any | None = None) -> CrossGramian:
   """Computes ``J1 J2^T`` over the selected leaves, in one pass.
 
@@ -187,8 +180,8 @@ def _cross_gramian(a_leaves, b_leaves, selected) -> CrossGramian:
     bad = jnp.zeros((), bool)
 
   def rescue(raw):
-    divisors = (_magnitude([a for a, _ in pairs], dtype),
-                _magnitude([b for _, b in pairs], dtype))
+    divisors = (statistics.magnitude_divisor([a for a, _ in pairs], dtype),
+                statistics.magnitude_divisor([b for _, b in pairs], dtype))
     return _raw(pairs, num_tasks, dtype, divisors), divisors
 
   def keep(raw):

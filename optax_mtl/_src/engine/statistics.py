@@ -103,6 +103,16 @@ class Statistics(NamedTuple):
   norms: jax.Array
 
 
+def magnitude_divisor(leaves: Sequence[jax.Array], dtype) -> jax.Array:
+  """The largest ``|entry|`` of ``leaves`` in ``dtype``; 1 when there is none
+  but zeros (empty leaves included): a divisor that brings the entries to
+  [-1, 1] without turning zeros into NaN."""
+  largest = jnp.zeros((), dtype)
+  for leaf in leaves:
+    largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf), initial=0).astype(dtype))
+  return jnp.where(largest > 0, largest, 1.0)
+
+
 def accumulation_dtype(leaves: Sequence[jax.Array]):
   """float64 when any leaf is float64, else float32."""
   dtype = jnp.dtype(jnp.float32)
@@ -252,13 +262,8 @@ def _task_statistics(task_grads: Any, requests: tuple) -> list[Statistics]:
          else jnp.zeros((), bool) for raw, top, r in zip(raws, tops, requests)]
 
   def rescue(raws):
-    divisors = []
-    for request in requests:
-      magnitude = jnp.zeros((), dtype)
-      for leaf, selected in zip(leaves, request.mask):
-        if selected:
-          magnitude = jnp.maximum(magnitude, jnp.max(jnp.abs(leaf), initial=0).astype(dtype))
-      divisors.append(jnp.where(magnitude > 0, magnitude, 1.0))
+    divisors = [magnitude_divisor([l for l, m in zip(leaves, r.mask) if m], dtype)
+                for r in requests]
     scaled = _raw(leaves, requests, dtype, divisors)
     return ([jnp.where(b, s, r) for b, s, r in zip(bad, scaled, raws)],
             [jnp.where(b, d, 1.0).astype(dtype) for b, d in zip(bad, divisors)])

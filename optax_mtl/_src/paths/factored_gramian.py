@@ -72,8 +72,7 @@ def _factored_block(product: weight_products.Product, x, d, dtype) -> jax.Array:
   # x^T d_t = (x / m)^T (m d_t), m the largest |x|: x x^T then stays in range
   # whenever the gradients do (inputs of 1e20 would overflow it, of 1e-20
   # underflow it, with gradients of 1).
-  largest = jnp.max(jnp.abs(xm))
-  largest = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1.0)
+  largest = statistics.magnitude_divisor([xm], dtype)
   xm, dm = xm / largest, dm * largest
   einsum = lambda spec, a, b: jnp.einsum(spec, a, b, precision=lax.Precision.HIGHEST,
                                          preferred_element_type=dtype)

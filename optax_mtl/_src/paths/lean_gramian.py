@@ -119,10 +119,7 @@ def _unit(leaves, mask, dtype):
   vector. Unmasked leaves get a zero tangent.
   """
   selected = [l for l, m in zip(leaves, mask) if m and l.size]
-  largest = jnp.zeros((), dtype)
-  for leaf in selected:
-    largest = jnp.maximum(largest, jnp.max(jnp.abs(leaf)).astype(dtype))
-  safe = jnp.where(largest > 0, largest, 1.0)
+  safe = statistics.magnitude_divisor(selected, dtype)
   squares = jnp.zeros((), dtype)
   for leaf in selected:
     squares = squares + jnp.sum(jnp.square(leaf.astype(dtype) / safe))
@@ -237,10 +234,8 @@ def _rescaled_gramians(lin: _Linearized, live: Sequence[tuple],
     scales = jnp.where(applied > 0, 1 / jnp.where(applied > 0, applied, 1.0), 0.0)
     used = [j for j, (l, m) in enumerate(zip(lin.leaves, mask)) if m and l.size]
     blocks, _ = _all_at_once(lin, used, dtype, scales.astype(lin.losses.dtype))
-    unit = sum(blocks[j] for j in used)
-    top = jnp.max(applied)
-    ratio = applied / jnp.where(top > 0, top, 1.0)
-    grams.append(_from_raw(unit * ratio[:, None] * ratio[None, :], dtype, top))
+    # <u_s, u_t> n_s = <g_s, g_t> / n_t: _finish's columns, entries <= n_s.
+    grams.append(_finish(sum(blocks[j] for j in used) * applied[None, :], applied, dtype))
   return grams
 
 
