@@ -6,7 +6,8 @@ holding d parameters in total. Every method is jitted and timed per call
 ``block_until_ready``; the rows of a case are timed in turn, round after
 round, so that load drifting on a shared machine hits them alike); in the same run, the sum over the task axis gives the
 time of one read of all gradients, the bandwidth floor of one pass. The T x T
-solves alone (each method's rule on a given Gramian, T = 10) are timed too,
+solves alone (each method's rule on a given Gramian, T = 10 and 40, with
+few or many conflicts) are timed too,
 and the engine's Gramian pass against numpy's ``J @ J.T`` on the same matrix.
 
 Task scalings chained with an aggregator are timed both ways, with the same
@@ -243,12 +244,32 @@ def _solve(tx, num_tasks):
   return jax.jit(weights)
 
 
-def bench_solves(num_tasks=10, repeats=50, names=None):
-  """Each Gramian method's T x T solve alone, at T = 10."""
+# Gramians of the solve rows, normalised to a largest diagonal entry of 1:
+# "mild", task gradients sharing a common direction (few conflicts);
+# "conflicting", independent gradients in a space of 3 T dimensions (about
+# half of the pairs conflict, at cosines down to -0.3 at T = 40), where the
+# dual-cone and min-norm solvers take the most active-set or Frank-Wolfe
+# steps.
+SOLVE_KINDS = ("mild", "conflicting")
+SOLVE_TASKS = (10, 40)
+
+
+def solve_gramian(num_tasks: int, kind: str) -> np.ndarray:
+  """A [T, T] float32 Gramian of the given kind (see ``SOLVE_KINDS``)."""
   rng = np.random.default_rng(0)
-  g = rng.normal(size=(num_tasks, 64)) + 0.5 * rng.normal(size=64)
+  if kind == "mild":
+    g = rng.normal(size=(num_tasks, 64)) + 0.5 * rng.normal(size=64)
+  elif kind == "conflicting":
+    g = rng.normal(size=(num_tasks, 3 * num_tasks))
+  else:
+    raise ValueError(f"solve Gramian kind {kind!r}; expected one of {SOLVE_KINDS}.")
   gram = g @ g.T
-  gram = jnp.asarray(gram / gram.diagonal().max(), jnp.float32)
+  return (gram / gram.diagonal().max()).astype(np.float32)
+
+
+def bench_solves(num_tasks=10, kind="mild", repeats=50, names=None):
+  """Each Gramian method's T x T solve alone on one Gramian."""
+  gram = jnp.asarray(solve_gramian(num_tasks, kind))
   solves = {}
   for name, tx in selected_methods(num_tasks, names).items():
     if not isinstance(tx, mtl.Method) or len(tx.parts) != 1 or len(tx.parts[0].members) != 1:
@@ -296,7 +317,7 @@ def main(argv=None):
   print(note, flush=True)
 
   results = {"device": device.device_kind, "platform": kind, "quick": args.quick,
-             "note": note, "cases": [], "solves_T10_ms": {}}
+             "note": note, "cases": [], "solves_ms": {}}
   for num_tasks, dim in cases:
     rows, reads, memory = bench_case(num_tasks, dim, repeats, names)
     floor = rows["sum (one read)"]
@@ -321,10 +342,14 @@ def main(argv=None):
   print(f"Gramian pass, T={gram_pass['T']} d={gram_pass['d']}: engine "
         f"{gram_pass['engine_ms']:.2f} ms, numpy J @ J.T {gram_pass['numpy_ms']:.2f} "
         f"ms ({gram_pass['ratio']:.2f}x)", flush=True)
-  solves = bench_solves(repeats=10 if args.quick else 50, names=names)
-  results["solves_T10_ms"] = {k: 1e3 * v for k, v in solves.items()}
-  print("T x T solve alone, T=10: " + ", ".join(
-      f"{k} {1e3 * v:.3f} ms" for k, v in solves.items()), flush=True)
+  for num_tasks in ((3,) if args.quick else SOLVE_TASKS):
+    for kind in SOLVE_KINDS:
+      solves = bench_solves(num_tasks, kind, repeats=10 if args.quick else 50,
+                            names=names)
+      results["solves_ms"][f"T={num_tasks} {kind}"] = {
+          k: 1e3 * v for k, v in solves.items()}
+      print(f"T x T solve alone, T={num_tasks} {kind}: " + ", ".join(
+          f"{k} {1e3 * v:.3f} ms" for k, v in solves.items()), flush=True)
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -374,9 +399,17 @@ def main(argv=None):
   lines += ["", f"Gramian pass alone, T = {gp['T']}, d = {gp['d']:,}: the engine "
             f"{gp['engine_ms']:.2f} ms, numpy's `J @ J.T` on the same matrix "
             f"{gp['numpy_ms']:.2f} ms ({gp['ratio']:.2f}x)."]
-  lines += ["", "T x T solve alone (weights from a given Gramian), T = 10:", "",
-            "| solve | ms |", "|---|---|"]
-  lines += [f"| {k} | {v:.3f} |" for k, v in results["solves_T10_ms"].items()]
+  settings = list(results["solves_ms"])
+  lines += ["", "T x T solve alone (weights from a given Gramian, largest diagonal "
+            "entry 1; \"mild\": gradients sharing a direction, \"conflicting\": "
+            "independent gradients in 3 T dimensions, about half of the pairs "
+            "conflicting), ms:", "",
+            "| solve | " + " | ".join(settings) + " |",
+            "|---|" + "---|" * len(settings)]
+  methods = list(dict.fromkeys(m for v in results["solves_ms"].values() for m in v))
+  lines += [f"| {m} | " + " | ".join(
+      f"{results['solves_ms'][k][m]:.3f}" if m in results["solves_ms"][k] else "-"
+      for k in settings) + " |" for m in methods]
   (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
   print(f"wrote {out / stem}.json and .md")
 

@@ -1,6 +1,6 @@
 """The same work in optax_mtl and TorchJD 0.18, timed in one run on one machine.
 
-Two parts, every row run by both libraries on the same inputs (float32):
+Three parts, every row run by both libraries on the same inputs (float32):
 
 * **Aggregators alone**: the per-task gradients of d parameters in, the
   update out, at (T, d) = (10, 2M) and (40, 500k). optax_mtl gets a pytree of
@@ -12,6 +12,13 @@ Two parts, every row run by both libraries on the same inputs (float32):
   match; rows whose update is random (PCGrad's and GradVac's task orders,
   GradDrop's and RLW's draws) or whose definitions differ are timed but not
   compared, and the table says why.
+* **T x T solves alone**: each Gramian method's rule on a given T x T
+  Gramian, the [T] weights out (optax_mtl's jitted weighting; TorchJD's
+  ``Weighting`` on a torch tensor), at T = 10 and 40 on a "mild" Gramian
+  (gradients sharing a direction) and a "conflicting" one (about half of the
+  pairs conflict), where the active-set and Frank-Wolfe solvers take the
+  most steps. The updates the weights give are compared in the Gramian's
+  norm.
 * **Train steps**: an MLP trunk (512-512-512-512 on 512 inputs, batch 128)
   and the plain CNN of ``benchmarks/models.py`` at the CPU size of
   ``benchmarks/train_step.py`` (widths 16 to 128, batch 32 of 32x32 images),
@@ -105,6 +112,7 @@ INSTALL_HINT = ('install the "compare" extra from the repository root: '
                 'pip install -e ".[compare]" (torch 2.13 and torchjd 0.18 '
                 'with its solvers cvxpy, ecos, quadprog, qpsolvers and scipy)')
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+SECTIONS = ("aggregators", "solves", "train")
 
 
 # --------------------------------------------------------------------------
@@ -286,6 +294,127 @@ def aggregator_case(num_tasks: int, dim: int, repeats: int, compiler_options):
     row["ratio"] = row["torchjd_ms"] / row["optax_mtl_ms"]
     row["agree"] = None if row["rtol"] is None else bool(row["rel_diff"] <= row["rtol"])
   return {"T": num_tasks, "d": dim, "rows": rows}
+
+
+# --------------------------------------------------------------------------
+# T x T solves alone.
+
+
+class SolvePair(NamedTuple):
+  """One Gramian weighting in both libraries: [T] weights from a T x T matrix.
+
+  Attributes:
+    name: the row's label (the aggregator row of the same method).
+    theirs: ``T -> TorchJD Weighting`` called on the torch Gramian.
+    note: None to take the aggregator row's tolerance and note; else why
+      the weights are not compared.
+  """
+  name: str
+  theirs: Callable[[int], Callable]
+  note: str | None = None
+
+
+def _solve_pairs(num_tasks: int) -> list[SolvePair]:
+  """Every Gramian weighting both libraries have (hyperparameters as in
+  :func:`_pair_rows`, whose optax_mtl methods, tolerances and notes serve)."""
+  num_byzantine = min(1, (num_tasks - 3) // 2)
+  pairs = [
+      SolvePair("mgda", lambda t: tjd.MGDAWeighting()),
+      SolvePair("pcgrad", lambda t: tjd.PCGradWeighting()),
+      SolvePair("upgrad", lambda t: tjd.UPGradWeighting()),
+      SolvePair("dualproj", lambda t: tjd.DualProjWeighting()),
+      SolvePair("imtl_g", lambda t: tjd.IMTLGWeighting()),
+      SolvePair("aligned_mtl", lambda t: tjd.AlignedMTLWeighting(pref_vector=torch.ones(t))),
+      SolvePair("cagrad", lambda t: tjd.CAGradWeighting(c=0.4)),
+      SolvePair("fairgrad", lambda t: tjd.FairGradWeighting(alpha=1.0)),
+      SolvePair("gradvac", lambda t: tjd.GradVacWeighting()),
+      SolvePair("pcd", lambda t: tjd.PCDWeighting()),
+      SolvePair("cr_mogm(mgda)", lambda t: tjd.CRMOGMWeighting(tjd.MGDAWeighting())),
+  ]
+  if num_tasks >= 3:
+    pairs.append(SolvePair(
+        "krum", lambda t: tjd.KrumWeighting(num_byzantine),
+        f"f = {num_byzantine}, one selected; definitions differ: TorchJD's "
+        "score sums distances, optax_mtl's (Blanchard et al.) squared "
+        "distances, so near ties may select differently: not compared"))
+  return pairs
+
+
+def _update_difference(gram, ours, theirs) -> float:
+  """Relative difference of the updates ``sum_t w_t g_t`` the weights give,
+  ``||a - b||_G / ||b||_G`` with ``||w||_G^2 = w^T G w``, read from the
+  Gramian: weights may differ along a null direction of G and give the same
+  update (as the aggregator rows compare updates)."""
+  gram = np.asarray(gram, np.float64)
+  diff = np.asarray(ours, np.float64) - np.asarray(theirs, np.float64)
+  theirs = np.asarray(theirs, np.float64)
+  scale = max(float(theirs @ gram @ theirs), float(np.finfo(np.float32).tiny))
+  return float(np.sqrt(max(float(diff @ gram @ diff), 0.0) / scale))
+
+
+def exact_weights(name: str, gram: np.ndarray) -> np.ndarray | None:
+  """A float64 reference solution of the rows whose weights are a QP on G
+  (quadprog, an active-set solver, with a ridge of 1e-12 of the largest
+  diagonal entry so the matrix it needs positive definite exists); None for
+  the others."""
+  import quadprog  # installed with torchjd[full] (the "compare" extra)
+  num = gram.shape[0]
+  matrix = np.asarray(gram, np.float64)
+  ridged = matrix + 1e-12 * matrix.diagonal().max() * np.eye(num)
+  if name in ("mgda", "cr_mogm(mgda)"):  # CR-MOGM's first call: MGDA's weights
+    # min 1/2 w'Gw subject to sum(w) = 1, w >= 0.
+    constraints = np.concatenate([np.ones((num, 1)), np.eye(num)], axis=1)
+    bounds = np.concatenate([[1.0], np.zeros(num)])
+    return quadprog.solve_qp(ridged, np.zeros(num), constraints, bounds, meq=1)[0]
+
+  def project(u):
+    # The projection of sum_t u_t g_t onto {y : <g_j, y> >= 0 for all j}:
+    # min 1/2 (v - u)'G(v - u) subject to G v >= 0.
+    return quadprog.solve_qp(ridged, matrix @ u, matrix, np.zeros(num))[0]
+  if name == "upgrad":
+    return np.mean([project(e) for e in np.eye(num)], axis=0)
+  if name == "dualproj":
+    return project(np.full(num, 1.0 / num))
+  return None
+
+
+def solve_case(num_tasks: int, kind: str, repeats: int, compiler_options):
+  """Times every weighting pair on one T x T Gramian; one results entry."""
+  gram = aggregator_bench.solve_gramian(num_tasks, kind)
+  cosines = gram / np.sqrt(np.outer(gram.diagonal(), gram.diagonal()))
+  conflicts = int((np.triu(cosines, 1) < 0).sum())
+  matrix, torch_matrix = jnp.asarray(gram), torch.from_numpy(gram)
+  by_name = {pair.name: pair for pair in _pair_rows(num_tasks)}
+  calls, rows = {}, {}
+  for solve in _solve_pairs(num_tasks):
+    pair = by_name[solve.name]
+    ours = aggregator_bench._solve(pair.ours(num_tasks), num_tasks)  # pylint: disable=protected-access
+    ours = ours.lower(matrix).compile(compiler_options)
+    theirs = solve.theirs(num_tasks)
+    torch.manual_seed(0)
+    # First calls, both states fresh: the weights compared.
+    rel = _update_difference(gram, np.asarray(ours(matrix)), theirs(torch_matrix).numpy())
+    rtol = pair.rtol if solve.note is None else None
+    rows[solve.name] = {"rel_diff": None if rtol is None else rel, "rtol": rtol,
+                        "note": pair.note if solve.note is None else solve.note}
+    exact = exact_weights(solve.name, gram)
+    if exact is not None:
+      torch.manual_seed(0)
+      rows[solve.name]["vs_float64"] = {
+          "optax_mtl": _update_difference(gram, np.asarray(ours(matrix)), exact),
+          "torchjd": _update_difference(
+              gram, solve.theirs(num_tasks)(torch_matrix).numpy(), exact)}
+    calls[f"{solve.name} [optax_mtl]"] = (ours, (matrix,))
+    calls[f"{solve.name} [torchjd]"] = (solve.theirs(num_tasks), (torch_matrix,))
+  times = aggregator_bench.time_interleaved(calls, repeats)
+  for name, row in rows.items():
+    row["optax_mtl_ms"] = 1e3 * times[f"{name} [optax_mtl]"]
+    row["torchjd_ms"] = 1e3 * times[f"{name} [torchjd]"]
+    row["ratio"] = row["torchjd_ms"] / row["optax_mtl_ms"]
+    row["agree"] = None if row["rtol"] is None else bool(row["rel_diff"] <= row["rtol"])
+  return {"T": num_tasks, "kind": kind, "conflicting_pairs": conflicts,
+          "pairs": num_tasks * (num_tasks - 1) // 2,
+          "min_cosine": float(cosines.min()), "rows": rows}
 
 
 # --------------------------------------------------------------------------
@@ -628,7 +757,7 @@ def _versions() -> dict[str, str]:
   from importlib import metadata
   out = {"python": platform.python_version()}
   for name in ("jax", "jaxlib", "optax", "optax_mtl", "torch", "torchjd", "numpy",
-               "cvxpy", "qpsolvers", "scipy"):
+               "cvxpy", "qpsolvers", "quadprog", "scipy"):
     try:
       out[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -654,7 +783,7 @@ def _summary(rows) -> str:
 
 def _dates(report) -> str:
   """The run's date, or each section's when they were run on different days."""
-  dates = {s: report.get(f"{s}_date", report["date"]) for s in ("aggregators", "train")}
+  dates = {s: report.get(f"{s}_date", report["date"]) for s in SECTIONS}
   if len(set(dates.values())) == 1:
     return dates["aggregators"]
   return ", ".join(f"{d} ({s})" for s, d in dates.items())
@@ -700,6 +829,34 @@ def markdown(report, figure: str | None = None) -> str:
     lines += ["", _summary([r for n, r in case["rows"].items()
                             if not n.startswith("gramian pass")])]
   lines += [
+      "", "## T x T solves alone", "",
+      "Each Gramian method's rule on a given T x T Gramian (largest diagonal "
+      "entry 1): optax_mtl's jitted weighting, TorchJD's `Weighting` called "
+      "on the same matrix as a torch tensor. \"mild\": task gradients "
+      "sharing a common direction (64 dimensions); \"conflicting\": "
+      "independent gradients in 3 T dimensions. Same update: "
+      "`||w - w'||_G / ||w'||_G`, the relative difference of the updates "
+      "the two weight vectors give (first call, fresh states), within the "
+      "aggregator row's tolerance. Where the weights solve a QP on G (MGDA, "
+      "UPGrad, DualProj), both are also measured against a float64 "
+      "solution of it.",
+  ]
+  for case in report["solves"]:
+    lines += ["", f"### T = {case['T']}, {case['kind']} ({case['conflicting_pairs']} "
+                  f"of {case['pairs']} pairs conflict, smallest cosine "
+                  f"{case['min_cosine']:.2f})", "",
+              "| weighting | optax_mtl ms | TorchJD ms | ratio | same update (rel. diff.) | note |",
+              "|---|---|---|---|---|---|"]
+    for name, row in case["rows"].items():
+      note = row["note"]
+      if "vs_float64" in row:
+        exact = row["vs_float64"]
+        note += (f"; against the float64 solution (quadprog): optax_mtl "
+                 f"{exact['optax_mtl']:.1e}, TorchJD {exact['torchjd']:.1e}")
+      lines.append(f"| {name} | {row['optax_mtl_ms']:.3f} | {row['torchjd_ms']:.3f} | "
+                   f"{row['ratio']:.2f} | {_check_cell(row)} | {note} |")
+    lines += ["", _summary(list(case["rows"].values()))]
+  lines += [
       "", "## Train steps", "",
       "T linear regression heads, Adam (lr 1e-4), the update applied. "
       "optax_mtl: one jitted step (parameters and optimizer state donated); "
@@ -742,10 +899,12 @@ def plot(report, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
   panels = [("Aggregators alone", [(f"T={c['T']}, d={c['d']:,}", c["rows"])
                                    for c in report["aggregators"]]),
+            ("T x T solves alone", [(f"T={c['T']}, {c['kind']}", c["rows"])
+                                    for c in report["solves"]]),
             ("Train steps", [(f"{c['kind'].upper()}, T={c['tasks']}", c["rows"])
                              for c in report["train"]])]
   heights = [max(len(groups) * len(groups[0][1]), 1) for _, groups in panels]
-  fig, axes = plt.subplots(1, 2, figsize=(14, 0.16 * max(heights) + 2.5))
+  fig, axes = plt.subplots(1, len(panels), figsize=(20, 0.16 * max(heights) + 2.5))
   for ax, (title, groups) in zip(axes, panels):
     names = list(dict.fromkeys(n for _, rows in groups for n in rows))
     bar = 0.8 / len(groups)
@@ -772,15 +931,18 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds")
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed rounds of the aggregators (default 11; 2 "
-                           "with --quick); the train steps use their setting's")
+                           "with --quick), three times as many for the "
+                           "solves; the train steps use their setting's")
   parser.add_argument("--out", default=str(RESULTS), help="results directory")
-  parser.add_argument("--sections", default="aggregators,train",
-                      help="comma-separated: aggregators, train; a section not "
-                           "run is kept from the results file already in --out")
+  parser.add_argument("--sections", default=",".join(SECTIONS),
+                      help="comma-separated: aggregators, solves, train; a "
+                           "section not run is kept from the results file "
+                           "already in --out")
   args = parser.parse_args(argv)
   sections = set(filter(None, args.sections.split(",")))
-  if not sections or sections - {"aggregators", "train"}:
-    parser.error(f"--sections takes aggregators and/or train, got {args.sections!r}.")
+  if not sections or sections - set(SECTIONS):
+    parser.error(f"--sections takes some of {', '.join(SECTIONS)}, got "
+                 f"{args.sections!r}.")
   if torch is None:
     parser.exit(2, f"compare_torchjd.py needs torch and torchjd ({_TORCH_ERROR}); "
                    f"{INSTALL_HINT}.\n")
@@ -790,6 +952,10 @@ def main(argv=None):
   torch.set_num_threads(os.cpu_count())
   options = {"xla_backend_optimization_level": 0} if args.quick else None
   agg_cases = [(4, 20_000)] if args.quick else [(10, 2_000_000), (40, 500_000)]
+  solve_cases = ([(4, "conflicting")] if args.quick else
+                 [(t, kind) for t in aggregator_bench.SOLVE_TASKS
+                  for kind in aggregator_bench.SOLVE_KINDS])
+  solve_repeats = repeats if args.quick else 3 * repeats
   settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
   backend = jax.default_backend()
   device = _cpu_name() if backend == "cpu" else str(jax.devices()[0].device_kind)
@@ -799,12 +965,12 @@ def main(argv=None):
   report = {"benchmark": "compare_torchjd", "date": datetime.date.today().isoformat(),
             "quick": args.quick, "backend": backend, "device": device,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "versions": _versions(), "aggregators": [], "train": []}
+            "versions": _versions(), **{section: [] for section in SECTIONS}}
   stem = f"compare_torchjd_{backend}" + ("_quick" if args.quick else "")
   out = pathlib.Path(args.out)
   previous = out / f"{stem}.json"
-  for section in {"aggregators", "train"} - sections:
-    if not previous.exists():
+  for section in set(SECTIONS) - sections:
+    if not previous.exists() or section not in json.loads(previous.read_text()):
       parser.error(f"--sections {args.sections}: {previous} holds no {section} "
                    f"section to keep; run both sections once.")
     kept = json.loads(previous.read_text())
@@ -817,6 +983,12 @@ def main(argv=None):
     report["aggregators"].append(case)
     print(f"aggregators T={num_tasks} d={dim}: " + ", ".join(
         f"{n} {r['optax_mtl_ms']:.2f}/{r['torchjd_ms']:.2f} ms ({r['ratio']:.2f}x)"
+        for n, r in case["rows"].items()), flush=True)
+  for num_tasks, kind in (solve_cases if "solves" in sections else []):
+    case = solve_case(num_tasks, kind, solve_repeats, options)
+    report["solves"].append(case)
+    print(f"solves T={num_tasks} {kind}: " + ", ".join(
+        f"{n} {r['optax_mtl_ms']:.3f}/{r['torchjd_ms']:.3f} ms ({r['ratio']:.2f}x)"
         for n, r in case["rows"].items()), flush=True)
   for setting in (settings if "train" in sections else []):
     for num_tasks in setting.tasks:

@@ -253,7 +253,10 @@ def test_aggregator_timings_report_ratios_to_one_read(tmp_path):
       pair for pair, *_ in aggregators.CHAIN_PAIRS}
   # Each Gramian method's T x T solve alone (the coordinate-wise trimmed
   # mean has none).
-  assert set(saved["solves_T10_ms"]) == {"mgda", "pcgrad", "upgrad", "nash_mtl"}
+  assert set(saved["solves_ms"]) == {"T=3 mild", "T=3 conflicting"}
+  for solves in saved["solves_ms"].values():
+    assert set(solves) == {"mgda", "pcgrad", "upgrad", "nash_mtl"}
+    assert all(math.isfinite(v) and v > 0 for v in solves.values())
   assert saved["gramian_pass"]["ratio"] > 0
   markdown = path.with_suffix(".md").read_text()
   assert markdown.startswith("# Aggregator time per call")

@@ -24,6 +24,10 @@ AGGREGATORS = {"sum (one read)", "mean", "weighted (Constant)", "mgda", "pcgrad"
                "random (RLW)", "pcd", "cr_mogm(mgda)", "excess_mtl",
                "modo (one batch)", "sdmgrad (one batch)", "krum"}
 
+# Every Gramian weighting both libraries have, on a T x T matrix.
+SOLVES = {"mgda", "pcgrad", "upgrad", "dualproj", "imtl_g", "aligned_mtl", "cagrad",
+          "fairgrad", "gradvac", "pcd", "cr_mogm(mgda)", "krum"}
+
 
 def test_without_torch_the_script_says_how_to_install_it(monkeypatch, capsys):
   monkeypatch.setattr(compare_torchjd, "torch", None)
@@ -69,6 +73,19 @@ def test_quick_run_times_every_row_in_both_libraries(tmp_path):
   compared = {n for n, r in case["rows"].items() if r["rtol"] is not None}
   assert {"mean", "mgda", "upgrad", "dualproj", "imtl_g", "aligned_mtl", "config",
           "nash_mtl", "cagrad", "fairgrad", "krum", "trimmed_mean"} <= compared
+
+  (case,) = report["solves"]
+  assert case["T"] == 4 and case["kind"] == "conflicting" and case["conflicting_pairs"] > 0
+  assert set(case["rows"]) == SOLVES
+  for name, row in case["rows"].items():
+    _check_timings(row)
+    if row["rtol"] is not None:
+      assert row["agree"], (name, row)
+  assert {"mgda", "upgrad", "dualproj", "imtl_g", "aligned_mtl", "cagrad",
+          "fairgrad", "pcd"} <= {n for n, r in case["rows"].items() if r["rtol"] is not None}
+  # optax_mtl's QP solutions are those of a float64 solver.
+  for name in ("mgda", "upgrad", "dualproj", "cr_mogm(mgda)"):
+    assert case["rows"][name]["vs_float64"]["optax_mtl"] < 1e-5, (name, case["rows"][name])
 
   assert {(c["kind"], c["tasks"]) for c in report["train"]} == {("mlp", 3), ("cnn", 3)}
   for case in report["train"]:
