@@ -343,12 +343,12 @@ def main(argv=None):
         f"{gram_pass['engine_ms']:.2f} ms, numpy J @ J.T {gram_pass['numpy_ms']:.2f} "
         f"ms ({gram_pass['ratio']:.2f}x)", flush=True)
   for num_tasks in ((3,) if args.quick else SOLVE_TASKS):
-    for kind in SOLVE_KINDS:
-      solves = bench_solves(num_tasks, kind, repeats=10 if args.quick else 50,
-                            names=names)
-      results["solves_ms"][f"T={num_tasks} {kind}"] = {
+    for gramian_kind in SOLVE_KINDS:
+      solves = bench_solves(num_tasks, gramian_kind,
+                            repeats=10 if args.quick else 50, names=names)
+      results["solves_ms"][f"T={num_tasks} {gramian_kind}"] = {
           k: 1e3 * v for k, v in solves.items()}
-      print(f"T x T solve alone, T={num_tasks} {kind}: " + ", ".join(
+      print(f"T x T solve alone, T={num_tasks} {gramian_kind}: " + ", ".join(
           f"{k} {1e3 * v:.3f} ms" for k, v in solves.items()), flush=True)
 
   out = pathlib.Path(args.out)

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -229,6 +230,7 @@ def test_aggregator_timings_report_ratios_to_one_read(tmp_path):
   aggregators.main(["--quick", "--out", str(tmp_path),
                     "--methods", "upgrad,trimmed_mean,nash_mtl"])
   (path,) = tmp_path.glob("aggregators_*_quick.json")
+  assert path.name == f"aggregators_{jax.devices()[0].platform}_quick.json"
   saved = json.loads(path.read_text())
   assert [(c["T"], c["d"]) for c in saved["cases"]] == aggregators.QUICK_CASES
   for case in saved["cases"]:
