@@ -245,6 +245,17 @@ def _relative_difference(ours: np.ndarray, theirs: np.ndarray) -> float:
   return float(np.linalg.norm(ours - theirs) / scale)
 
 
+def _time_rows(rows, calls, repeats) -> None:
+  """Times each row's ``[optax_mtl]`` and ``[torchjd]`` calls, interleaved,
+  and adds the times, their ratio and whether the results agree."""
+  times = aggregator_bench.time_interleaved(calls, repeats)
+  for name, row in rows.items():
+    row["optax_mtl_ms"] = 1e3 * times[f"{name} [optax_mtl]"]
+    row["torchjd_ms"] = 1e3 * times[f"{name} [torchjd]"]
+    row["ratio"] = row["torchjd_ms"] / row["optax_mtl_ms"]
+    row["agree"] = None if row["rtol"] is None else bool(row["rel_diff"] <= row["rtol"])
+
+
 def aggregator_case(num_tasks: int, dim: int, repeats: int, compiler_options):
   """Times every pair (and the Gramian pass) at one (T, d); one results entry."""
   grads = aggregator_bench.make_grads(num_tasks, dim)
@@ -287,12 +298,7 @@ def aggregator_case(num_tasks: int, dim: int, repeats: int, compiler_options):
         "rtol": pair.rtol, "note": pair.note}
     calls[f"{pair.name} [optax_mtl]"] = (update, (grads, state, params, losses))
     calls[f"{pair.name} [torchjd]"] = (pair.theirs(num_tasks), (matrix,))
-  times = aggregator_bench.time_interleaved(calls, repeats)
-  for name, row in rows.items():
-    row["optax_mtl_ms"] = 1e3 * times[f"{name} [optax_mtl]"]
-    row["torchjd_ms"] = 1e3 * times[f"{name} [torchjd]"]
-    row["ratio"] = row["torchjd_ms"] / row["optax_mtl_ms"]
-    row["agree"] = None if row["rtol"] is None else bool(row["rel_diff"] <= row["rtol"])
+  _time_rows(rows, calls, repeats)
   return {"T": num_tasks, "d": dim, "rows": rows}
 
 
@@ -406,12 +412,7 @@ def solve_case(num_tasks: int, kind: str, repeats: int, compiler_options):
               gram, solve.theirs(num_tasks)(torch_matrix).numpy(), exact)}
     calls[f"{solve.name} [optax_mtl]"] = (ours, (matrix,))
     calls[f"{solve.name} [torchjd]"] = (solve.theirs(num_tasks), (torch_matrix,))
-  times = aggregator_bench.time_interleaved(calls, repeats)
-  for name, row in rows.items():
-    row["optax_mtl_ms"] = 1e3 * times[f"{name} [optax_mtl]"]
-    row["torchjd_ms"] = 1e3 * times[f"{name} [torchjd]"]
-    row["ratio"] = row["torchjd_ms"] / row["optax_mtl_ms"]
-    row["agree"] = None if row["rtol"] is None else bool(row["rel_diff"] <= row["rtol"])
+  _time_rows(rows, calls, repeats)
   return {"T": num_tasks, "kind": kind, "conflicting_pairs": conflicts,
           "pairs": num_tasks * (num_tasks - 1) // 2,
           "min_cosine": float(cosines.min()), "rows": rows}
