@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from optax_mtl._src.engine import platform
 from optax_mtl._src.engine import sharding
 from optax_mtl._src.engine import statistics
 
@@ -106,7 +107,7 @@ def _leaf_terms(first, second, dtype, divisors):
   if (first.size < 4 * statistics.CPU_CHUNK * first.shape[0] or sharding.replicated_out(first)
       or not jax.sharding.get_abstract_mesh().empty):
     return portable(first, second)
-  return lax.platform_dependent(
+  return platform.dependent(
       first, second, cpu=lambda a, b: _cpu(a, b, dtype, divisors), default=portable)
 
 

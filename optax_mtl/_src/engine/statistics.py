@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import custom_batching
 from jax import lax
 
+from optax_mtl._src.engine import platform
 from optax_mtl._src.engine import sharding
 
 
@@ -189,7 +190,7 @@ def _leaf_block(leaf, dtype, divisor):
   if (leaf.size < 4 * CPU_CHUNK * leaf.shape[0] or sharding.replicated_out(leaf)
       or not jax.sharding.get_abstract_mesh().empty):
     return portable(leaf)
-  return lax.platform_dependent(
+  return platform.dependent(
       leaf, cpu=lambda x: _cpu_block(x, dtype, divisor), default=portable)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 from jax import lax
 
+from optax_mtl._src.engine import platform
 from optax_mtl._src.paths import jaxpr_eval
 
 
@@ -73,6 +74,6 @@ def canonical(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def loop_map(fn: Callable[..., Any], xs: Any, batch_size: int | None = None) -> Any:
   """``lax.map(fn, xs, batch_size=...)``, with ``fn``'s convolutions canonical on CPU."""
-  return lax.platform_dependent(
+  return platform.dependent(
       xs, cpu=lambda xs: lax.map(canonical(fn), xs, batch_size=batch_size),
       default=lambda xs: lax.map(fn, xs, batch_size=batch_size))

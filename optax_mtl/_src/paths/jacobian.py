@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_mtl._src.engine import hyperparams
+from optax_mtl._src.engine import platform
 from optax_mtl._src.engine import validation
 from optax_mtl._src.paths import arguments
 from optax_mtl._src.paths import canonical_convolutions
@@ -54,7 +55,7 @@ def backward_passes(vjp_fn, num_tasks: int, dtype, chunk_size: int | None,
   if chunk_size is None or chunk_size >= num_tasks:
     if num_tasks > _CPU_UNROLL_MAX_TASKS or not unroll_on_cpu:
       return _vmapped(vjp_fn, eye)
-    return jax.lax.platform_dependent(
+    return platform.dependent(
         eye, cpu=functools.partial(_unrolled, vjp_fn),
         default=functools.partial(_vmapped, vjp_fn))
   chunks = -(-num_tasks // chunk_size)

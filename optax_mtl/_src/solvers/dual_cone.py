@@ -59,6 +59,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy import linalg as jsp_linalg
 
+from optax_mtl._src.engine import platform
+
 # Active-set steps per loop trip on accelerators, where a trip costs tens of
 # microseconds; on CPUs one (an unrolled block only adds compile time).
 _BLOCK = 2
@@ -220,8 +222,8 @@ def _solve(a, c, usable, margin, max_iters, margin_steps) -> _Run:
                # refinement removes it.
                jnp.asarray(8.0 * num * eps, dtype), jnp.array(False),
                jnp.array(False), jnp.zeros((), dtype), jnp.zeros(num, dtype))
-  return lax.platform_dependent(start, cpu=lambda r: loop(r, 1),
-                                default=lambda r: loop(r, _BLOCK))
+  return platform.dependent(start, cpu=lambda r: loop(r, 1),
+                            default=lambda r: loop(r, _BLOCK))
 
 
 @functools.partial(jax.jit, static_argnames=("max_iters",))

@@ -60,6 +60,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy import linalg as jsp_linalg
 
+from optax_mtl._src.engine import platform
+
 # Newton steps per loop trip on accelerators (one on CPU, where a trip is
 # nearly free and unrolled Cholesky factorisations only add compile time).
 _BLOCK = 4
@@ -342,7 +344,7 @@ def _solve(gram, scale, alpha, max_iters, tol) -> Solution:
   y0 = _initial(problem, alpha)
   start = (y0, jnp.zeros((), jnp.int32), jnp.array(False), inf,
            jnp.array(False), problem.residual(y0))
-  y, iters, _, decrement, stuck, residual = lax.platform_dependent(
+  y, iters, _, decrement, stuck, residual = platform.dependent(
       start, cpu=lambda s: run(s, 1), default=lambda s: run(s, _BLOCK))
   # A step from a decrement below tol^2 only improves on it. Stuck (no step
   # beats rounding) with a small decrement: the minimum within float32,

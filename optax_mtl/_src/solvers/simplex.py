@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.scipy import linalg as jsp_linalg
 from jax import lax
 
+from optax_mtl._src.engine import platform
+
 # Steps per loop trip on accelerators: enough that a typical solve ends in a
 # few trips, few enough that the unrolled body compiles quickly.
 _BLOCK = 8
@@ -118,7 +120,7 @@ def pairwise_frank_wolfe(
 
   over0, _, _ = excess(init, gradient(init))
   start = (init, jnp.zeros((), jnp.int32), over0, jnp.array(True))
-  weights, steps, _, _ = lax.platform_dependent(
+  weights, steps, _, _ = platform.dependent(
       start, cpu=lambda s: solve(s, 1), default=lambda s: solve(s, _BLOCK))
   weights = weights / jnp.sum(weights)
   gap, _, _ = _gap_and_vertices(weights, gradient(weights))

@@ -13,6 +13,7 @@ from jax import lax
 from optax_mtl._src.core import weighting
 from optax_mtl._src.engine import hyperparams
 from optax_mtl._src.engine import masking
+from optax_mtl._src.engine import platform
 from optax_mtl._src.paths import two_batch
 from optax_mtl._src.solvers import simplex
 
@@ -70,8 +71,8 @@ def simplex_steps(cross_matrix: jax.Array, weights: jax.Array, lam, gamma,
   def run(w, unroll):
     return lax.scan(step, w, None, length=iters, unroll=unroll)[0]
 
-  return lax.platform_dependent(weights, cpu=lambda w: run(w, 1),
-                                default=lambda w: run(w, min(iters, _BLOCK)))
+  return platform.dependent(weights, cpu=lambda w: run(w, 1),
+                            default=lambda w: run(w, min(iters, _BLOCK)))
 
 
 def sdmgrad(

@@ -13,6 +13,7 @@ from optax_mtl._src.core import transform
 from optax_mtl._src.core import weighting
 from optax_mtl._src.engine import hyperparams
 from optax_mtl._src.engine import masking
+from optax_mtl._src.engine import platform
 from optax_mtl._src.solvers import dual_cone
 
 _UPGRAD = "mtl.upgrad"
@@ -63,7 +64,7 @@ def _padded_projections(gram_matrix):
   # steps, where vmapped problems all run until the slowest is done and a
   # batched factorisation is no faster (measured on a 2-core CPU, T = 40
   # with conflicts: 7.5 ms against 10.8 ms). Accelerators solve them together.
-  coefficients, residuals = jax.lax.platform_dependent(
+  coefficients, residuals = platform.dependent(
       eye, cpu=lambda rows: jax.lax.map(project, rows), default=jax.vmap(project))
   return _resolved(gram_matrix, coefficients, residuals)
 
