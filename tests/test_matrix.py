@@ -149,6 +149,31 @@ def _with_empty_leaf(tree, shape):
   return {**tree, "trunk": {**tree["trunk"], "empty": jnp.zeros(shape, jnp.float32)}}
 
 
+def _contraction_precisions(jaxpr):
+  """The precision of every dot_general in ``jaxpr`` and its sub-jaxprs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(eqn.params["precision"])
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _contraction_precisions(sub)
+  return found
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_every_contraction_is_at_float32_precision(case):
+  # At the default precision GPUs compute float32 products in TF32 and TPUs
+  # in one bfloat16 pass; the Gramian, the combination and every rule's
+  # T x T products (solvers included) ask for the highest.
+  num_tasks = 4
+  params = make_params()
+  tx = case.make(num_tasks)
+  jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, params, **extra_args(num_tasks)))(
+      random_grads(num_tasks), tx.init(params))
+  precisions = _contraction_precisions(jaxpr.jaxpr)
+  assert all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in precisions), precisions
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_zero_size_leaf_changes_nothing(case):
   # A parameter with no entries (an empty bias) gets an empty update, and

@@ -183,7 +183,12 @@ class Weighting:
           f"{self.name}: the state passed to update is a "
           f"{type(state).__name__}, not this method's state. Pass the state "
           f"returned by tx.init(params) (or by the previous update).")
-    weights, new_state = self.rule(inputs, state)
+    # A rule's T x T products (a solver's matrix-vector steps, projections)
+    # are few and small; at the default precision GPUs would compute them in
+    # TF32 and TPUs in one bfloat16 pass, below the accuracy the solvers
+    # stop at.
+    with jax.default_matmul_precision("highest"):
+      weights, new_state = self.rule(inputs, state)
     weights = jnp.asarray(weights)
     if weights.shape != (inputs.num_tasks,):
       raise ValueError(
