@@ -396,20 +396,19 @@ def solve_case(num_tasks: int, kind: str, repeats: int, compiler_options):
     pair = by_name[solve.name]
     ours = aggregator_bench._solve(pair.ours(num_tasks), num_tasks)  # pylint: disable=protected-access
     ours = ours.lower(matrix).compile(compiler_options)
-    theirs = solve.theirs(num_tasks)
     torch.manual_seed(0)
     # First calls, both states fresh: the weights compared.
-    rel = _update_difference(gram, np.asarray(ours(matrix)), theirs(torch_matrix).numpy())
+    ours_w = np.asarray(ours(matrix))
+    theirs_w = solve.theirs(num_tasks)(torch_matrix).numpy()
     rtol = pair.rtol if solve.note is None else None
-    rows[solve.name] = {"rel_diff": None if rtol is None else rel, "rtol": rtol,
-                        "note": pair.note if solve.note is None else solve.note}
+    rows[solve.name] = {
+        "rel_diff": None if rtol is None else _update_difference(gram, ours_w, theirs_w),
+        "rtol": rtol, "note": pair.note if solve.note is None else solve.note}
     exact = exact_weights(solve.name, gram)
     if exact is not None:
-      torch.manual_seed(0)
       rows[solve.name]["vs_float64"] = {
-          "optax_mtl": _update_difference(gram, np.asarray(ours(matrix)), exact),
-          "torchjd": _update_difference(
-              gram, solve.theirs(num_tasks)(torch_matrix).numpy(), exact)}
+          "optax_mtl": _update_difference(gram, ours_w, exact),
+          "torchjd": _update_difference(gram, theirs_w, exact)}
     calls[f"{solve.name} [optax_mtl]"] = (ours, (matrix,))
     calls[f"{solve.name} [torchjd]"] = (solve.theirs(num_tasks), (torch_matrix,))
   _time_rows(rows, calls, repeats)

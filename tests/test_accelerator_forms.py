@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
+import convnets
 import optax_mtl as mtl
 from method_cases import CASES
 from optax_mtl._src.engine import platform
@@ -58,8 +58,7 @@ def _method_runs(names):
     steps = []
     for seed in (1, 2):
       updates, state = update(_grads(seed), state)
-      steps.append((updates, state.task_weights if hasattr(state, "task_weights")
-                    else jax.tree.leaves(state)[0]))
+      steps.append((updates, state.task_weights))
     out[name] = steps
   return out
 
@@ -79,25 +78,12 @@ def _two_batch_runs():
   return out
 
 
-def _cnn_losses(params, x):
-  h = x
-  for kernel in params["convs"]:
-    h = jax.nn.relu(lax.conv_general_dilated(
-        h, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  z = jnp.mean(h, axis=(1, 2))
-  return jnp.mean((z @ params["head"]) ** 2, axis=0)
-
-
 def _cnn_runs():
-  keys = jax.random.split(jax.random.key(4), 4)
-  params = {"convs": [jax.random.normal(keys[0], (3, 3, 2, 4)) / 4,
-                      jax.random.normal(keys[1], (3, 3, 4, 6)) / 6],
-            "head": jax.random.normal(keys[2], (6, 3))}
-  x = jax.random.normal(keys[3], (5, 8, 8, 2))
-  _, jacobian = jax.jit(mtl.value_and_jacobian(_cnn_losses))(params, x)
+  params, x = convnets.problem()
+  _, jacobian = jax.jit(mtl.value_and_jacobian(convnets.losses))(params, x)
   # chunk_size=1: one task per loop trip (the CPU form rewrites the
   # convolutions of the loop body).
-  _, lean = jax.jit(mtl.value_and_gramian(_cnn_losses, chunk_size=1))(params, x)
+  _, lean = jax.jit(mtl.value_and_gramian(convnets.losses, chunk_size=1))(params, x)
   return {"jacobian": jacobian, "lean gramian": (lean.normalized, lean.scale)}
 
 

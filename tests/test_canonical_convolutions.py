@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+import convnets
 import optax_mtl as mtl
 from optax_mtl._src.paths import canonical_convolutions
 
@@ -79,26 +80,13 @@ def test_loop_body_holds_the_batch_spatial_feature_form():
       lax.map(kernel_grads, cotangents), rtol=1e-5, atol=1e-4)
 
 
-def _cnn_losses(params, x):
-  h = x
-  for kernel in params["convs"]:
-    h = jax.nn.relu(lax.conv_general_dilated(
-        h, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  z = jnp.mean(h, axis=(1, 2))
-  return jnp.mean((z @ params["head"]) ** 2, axis=0)
-
-
 def test_lean_and_chunked_paths_on_a_convnet_match_the_stacked_path():
-  keys = jax.random.split(jax.random.key(4), 4)
-  params = {"convs": [jax.random.normal(keys[0], (3, 3, 2, 4)) / 4,
-                      jax.random.normal(keys[1], (3, 3, 4, 6)) / 6],
-            "head": jax.random.normal(keys[2], (6, 3))}
-  x = jax.random.normal(keys[3], (5, 8, 8, 2))
-  losses, task_grads = mtl.value_and_jacobian(_cnn_losses)(params, x)
-  _, chunked = jax.jit(mtl.value_and_jacobian(_cnn_losses, chunk_size=2))(params, x)
+  params, x = convnets.problem()
+  losses, task_grads = mtl.value_and_jacobian(convnets.losses)(params, x)
+  _, chunked = jax.jit(mtl.value_and_jacobian(convnets.losses, chunk_size=2))(params, x)
   for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(task_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  lean_losses, gram = jax.jit(mtl.value_and_gramian(_cnn_losses))(params, x)
+  lean_losses, gram = jax.jit(mtl.value_and_gramian(convnets.losses))(params, x)
   stacked = mtl.gramian(task_grads)
   np.testing.assert_allclose(lean_losses, losses, rtol=1e-6)
   np.testing.assert_allclose(gram.normalized, stacked.normalized, rtol=1e-5, atol=1e-6)
