@@ -51,6 +51,11 @@ QUICK_CASES = [(3, 100_000)]
 LEAF_FRACTIONS = (0.5, 0.3, 0.15, 0.05)
 
 
+def _cpu_kernel() -> str:
+  status = mtl.cpu_kernel_status()
+  return "compiled kernel" if status.startswith("compiled") else status
+
+
 def methods(num_tasks):
   return {
       "sum (one read)": mtl.sum(),
@@ -313,7 +318,8 @@ def main(argv=None):
   cases = QUICK_CASES if args.quick else FULL_CASES
   repeats = 3 if args.quick else 11
   note = (f"device: {device.device_kind} ({kind}), {os.cpu_count()} CPU cores"
-          + ("; no GPU: these are CPU figures, not the GPU targets" if kind == "cpu" else ""))
+          + (f"; Gramian: {_cpu_kernel()}; no GPU: these are CPU figures, not "
+             "the GPU targets" if kind == "cpu" else ""))
   print(note, flush=True)
 
   results = {"device": device.device_kind, "platform": kind, "quick": args.quick,

@@ -79,7 +79,17 @@ def device_info() -> dict[str, Any]:
       "optax": optax.__version__,
       "python": platform.python_version(),
       "platform": platform.platform(),
+      "cpu_kernel": cpu_kernel(),
   }
+
+
+def cpu_kernel() -> str | None:
+  """How the Gramian is computed on this backend's CPU (None on accelerators):
+  "compiled kernel" or "pure JAX: <why>" (``mtl.cpu_kernel_status()``)."""
+  if jax.default_backend() != "cpu":
+    return None
+  status = mtl.cpu_kernel_status()
+  return "compiled kernel" if status.startswith("compiled") else status
 
 
 def device_line() -> str:

@@ -90,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import common  # noqa: F401  (makes ``import optax_mtl`` work from a checkout)
+import common  # makes ``import optax_mtl`` work from a checkout
 import aggregators as aggregator_bench
 import models
 import train_step as train_step_bench
@@ -789,6 +789,17 @@ def _dates(report) -> str:
   return ", ".join(f"{d} ({s})" for s, d in dates.items())
 
 
+def _kernels(report) -> str:
+  """How optax_mtl computed its Gramians on the CPU, per section."""
+  kernels = {s: report.get(f"{s}_cpu_kernel") for s in SECTIONS}
+  if not any(kernels.values()):
+    return ""
+  if len(set(kernels.values())) == 1:
+    return f" optax_mtl's Gramian on the CPU: {kernels[SECTIONS[0]]}."
+  return " optax_mtl's Gramian on the CPU: " + ", ".join(
+      f"{k or 'not recorded'} ({s})" for s, k in kernels.items()) + "."
+
+
 def markdown(report, figure: str | None = None) -> str:
   """The results page; ``figure``, the bar chart's file name, is shown first."""
   v = report["versions"]
@@ -802,7 +813,7 @@ def markdown(report, figure: str | None = None) -> str:
       f"{v['optax']}; torch {v['torch']}, torchjd {v['torchjd']} (cvxpy "
       f"{v['cvxpy']}, qpsolvers {v['qpsolvers']}, scipy {v['scipy']}); numpy "
       f"{v['numpy']}, Python {v['python']}. `benchmarks/compare_torchjd.py"
-      + (" --quick" if report["quick"] else "") + "`.",
+      + (" --quick" if report["quick"] else "") + "`." + _kernels(report),
       "",
       "Ratio: TorchJD ms / optax_mtl ms (above 1: optax_mtl is faster). "
       "Times: median of interleaved rounds (each timed call after an untimed "
@@ -976,8 +987,10 @@ def main(argv=None):
     kept = json.loads(previous.read_text())
     report[section] = kept[section]
     report[f"{section}_date"] = kept.get(f"{section}_date", kept["date"])
+    report[f"{section}_cpu_kernel"] = kept.get(f"{section}_cpu_kernel")
   for section in sections:
     report[f"{section}_date"] = report["date"]
+    report[f"{section}_cpu_kernel"] = common.cpu_kernel()
   for num_tasks, dim in (agg_cases if "aggregators" in sections else []):
     case = aggregator_case(num_tasks, dim, repeats, options)
     report["aggregators"].append(case)

@@ -340,6 +340,7 @@ def markdown(report) -> str:
       f"`{report['backend']}`, {report['cpu_count']} host cores), jax "
       f"{report['jax']}, optax {report['optax']}; `benchmarks/train_step.py "
       f"--size {cfg['size']}`."
+      + (f" Gramian on the CPU: {report['cpu_kernel']}." if report.get("cpu_kernel") else "")
       + (" Host load average (1, 5, 15 min) at the start: "
          + ", ".join(f"{v:.1f}" for v in report["load_average"])
          + f" on {report['cpu_count']} cores." if report.get("load_average") else ""),
@@ -485,6 +486,7 @@ def main(argv=None):
       "optax": optax.__version__,
       "machine": platform.machine(),
       "load_average": load_average,
+      "cpu_kernel": common.cpu_kernel(),
       "gpu_note": gpu_note,
       "config": {"size": size_name, "model": args.model,
                  "widths": list(size.widths), "image": size.image,

@@ -14,6 +14,7 @@ from optax_mtl._src.methods.fixed import sum_ as sum  # pylint: disable=redefine
 from optax_mtl._src.methods.fixed import weighted
 from optax_mtl._src.engine.combine import combine
 from optax_mtl._src.engine.combine import scale_tasks
+from optax_mtl._src.engine.native import status as cpu_kernel_status
 from optax_mtl._src.methods.gradient.aligned_mtl import aligned_mtl
 from optax_mtl._src.methods.gradient.auxiliary import auxiliary
 from optax_mtl._src.methods.gradient.cagrad import cagrad
@@ -168,6 +169,7 @@ __all__ = (
     "config",
     "conflict_diagnostics",
     "cosmos",
+    "cpu_kernel_status",
     "cr_mogm",
     "cross_entropy_initial_loss",
     "cross_entropy_prior_loss",

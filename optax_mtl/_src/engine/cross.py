@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from optax_mtl._src.engine import native
 from optax_mtl._src.engine import platform
 from optax_mtl._src.engine import sharding
 from optax_mtl._src.engine import statistics
@@ -64,11 +65,12 @@ def _portable(first, second, dtype, divisors):
 
 
 def _cpu(first, second, dtype, divisors):
-  """The leaf's terms at BLAS speed on XLA's CPU backend.
+  """The leaf's terms on XLA's CPU backend.
 
-  As for the Gramian (statistics._cpu_block): XLA's CPU dot of two [T, n]
-  matrices over the long axis is about 3x slower than the same product laid
-  out as [n, T], so the columns are taken in cache-sized blocks. Each block
+  The compiled kernel where it applies (as for the Gramian,
+  statistics._cpu_block). Otherwise, XLA's CPU dot of two [T, n] matrices
+  over the long axis is about 3x slower than the same product laid out as
+  [n, T], so the columns are taken in cache-sized blocks. Each block
   of the two batches is transposed into one [chunk, 2T] matrix whose [2T, 2T]
   product holds the cross block and both squared norms: one dot reading
   the block once (a dot plus two sums of squares took 1.5x longer).
@@ -76,6 +78,9 @@ def _cpu(first, second, dtype, divisors):
   num_tasks = first.shape[0]
   flat_a = first.reshape(num_tasks, -1)
   flat_b = second.reshape(num_tasks, -1)
+  if all(divisor is None for divisor in divisors) and statistics.uses_native(
+      [first, second], dtype, None):
+    return native.cross(flat_a, flat_b)
   steps = flat_a.shape[1] // statistics.CPU_CHUNK
 
   def gram(block_a, block_b):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import custom_batching
 from jax import lax
 
+from optax_mtl._src.engine import native
 from optax_mtl._src.engine import platform
 from optax_mtl._src.engine import sharding
 
@@ -149,16 +150,28 @@ def _portable_block(leaf, dtype, divisor):
       **sharding.replicated_out(leaf))
 
 
-def _cpu_block(leaf, dtype, divisor):
-  """The Gramian block of one leaf at BLAS speed on XLA's CPU backend.
+def uses_native(leaves: Sequence[jax.Array], dtype, divisor) -> bool:
+  """Whether the CPU form of a leaf's products is the compiled kernel: for
+  float32 leaves accumulated in float32, on the first pass (the rescue pass
+  divides the leaves, which the blocked form does block by block)."""
+  return (divisor is None and jnp.dtype(dtype) == jnp.float32
+          and all(leaf.dtype == jnp.float32 for leaf in leaves) and native.available())
 
-  XLA's CPU dot of a [T, n] matrix with itself over the long axis runs about
-  3x slower than the same product laid out as [n, T]. The columns are taken
-  in cache-sized blocks, each transposed to [chunk, T] and contracted over
-  its leading axis, the T x T partial products summed.
+
+def _cpu_block(leaf, dtype, divisor):
+  """The Gramian block of one leaf on XLA's CPU backend.
+
+  The compiled kernel (:mod:`~optax_mtl._src.engine.native`) where it
+  applies. Otherwise the pure-JAX form: XLA's CPU dot of a [T, n] matrix
+  with itself over the long axis runs about 3x slower than the same product
+  laid out as [n, T], so the columns are taken in cache-sized blocks, each
+  transposed to [chunk, T] and contracted over its leading axis, the T x T
+  partial products summed.
   """
   num_tasks = leaf.shape[0]
   flat = leaf.reshape(num_tasks, -1)
+  if uses_native([leaf], dtype, divisor):
+    return native.gramian(flat)
   steps = flat.shape[1] // CPU_CHUNK
 
   def gram(block):
