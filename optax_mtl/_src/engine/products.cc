@@ -48,8 +48,8 @@ constexpr int kTile = 3;
 // tiles are computed (4096 measured fastest of 1k-8k at T = 10 and 40).
 constexpr int64_t kPanel = 4096;
 
-// Fewer columns than this per thread are not worth a task of their own.
-constexpr int64_t kColumnsPerTask = 65536;
+// Fewer entries than this (1 MiB) per thread are not worth a task of their own.
+constexpr int64_t kEntriesPerTask = int64_t{1} << 18;
 
 typedef float Vec __attribute__((vector_size(kWidth * sizeof(float))));
 
@@ -142,10 +142,11 @@ void Columns(const Problem& problem, int64_t c0, int64_t c1, double* out) {
 void Solve(ffi::ThreadPool& pool, const Problem& problem, float* result) {
   const int64_t n = problem.n, size = problem.size();
   const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
-  int64_t parts = n / kColumnsPerTask;
+  const int64_t entries = n * static_cast<int64_t>(problem.a.size() + (problem.symmetric ? 0 : problem.b.size()));
+  int64_t parts = entries / kEntriesPerTask;
   parts = parts < 1 ? 1 : (parts > threads ? threads : parts);
-  // Part boundaries on panel multiples keep every part's vectors whole.
-  const int64_t per_part = ((n + parts - 1) / parts + kPanel - 1) / kPanel * kPanel;
+  // Part boundaries on vector-width multiples keep every part's vectors whole.
+  const int64_t per_part = ((n + parts - 1) / parts + kWidth - 1) / kWidth * kWidth;
   std::vector<double> sums(static_cast<size_t>(parts * size), 0.0);
 
   struct Shared {
