@@ -32,12 +32,9 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import time
 
-# Run from a checkout without installing the package.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
+import common  # makes ``import optax_mtl`` work from a checkout
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,11 +46,6 @@ FULL_CASES = [(2, 10_000_000), (10, 10_000_000), (40, 2_500_000), (10, 50_000_00
 QUICK_CASES = [(3, 100_000)]
 # Fractions of d held by each leaf: a pytree of a few leaves, not one vector.
 LEAF_FRACTIONS = (0.5, 0.3, 0.15, 0.05)
-
-
-def _cpu_kernel() -> str:
-  status = mtl.cpu_kernel_status()
-  return "compiled kernel" if status.startswith("compiled") else status
 
 
 def methods(num_tasks):
@@ -318,7 +310,7 @@ def main(argv=None):
   cases = QUICK_CASES if args.quick else FULL_CASES
   repeats = 3 if args.quick else 11
   note = (f"device: {device.device_kind} ({kind}), {os.cpu_count()} CPU cores"
-          + (f"; Gramian: {_cpu_kernel()}; no GPU: these are CPU figures, not "
+          + (f"; Gramian: {common.cpu_kernel()}; no GPU: these are CPU figures, not "
              "the GPU targets" if kind == "cpu" else ""))
   print(note, flush=True)
 

@@ -78,8 +78,7 @@ def _cpu(first, second, dtype, divisors):
   num_tasks = first.shape[0]
   flat_a = first.reshape(num_tasks, -1)
   flat_b = second.reshape(num_tasks, -1)
-  if all(divisor is None for divisor in divisors) and statistics.uses_native(
-      [first, second], dtype, None):
+  if native.applies([first, second], dtype, divisors):
     return native.cross(flat_a, flat_b)
   steps = flat_a.shape[1] // statistics.CPU_CHUNK
 

@@ -142,7 +142,9 @@ void Columns(const Problem& problem, int64_t c0, int64_t c1, double* out) {
 void Solve(ffi::ThreadPool& pool, const Problem& problem, float* result) {
   const int64_t n = problem.n, size = problem.size();
   const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
-  const int64_t entries = n * static_cast<int64_t>(problem.a.size() + (problem.symmetric ? 0 : problem.b.size()));
+  const int64_t operand_rows = static_cast<int64_t>(
+      problem.a.size() + (problem.symmetric ? 0 : problem.b.size()));
+  const int64_t entries = n * operand_rows;
   int64_t parts = entries / kEntriesPerTask;
   parts = parts < 1 ? 1 : (parts > threads ? threads : parts);
   // Part boundaries on vector-width multiples keep every part's vectors whole.

@@ -150,14 +150,6 @@ def _portable_block(leaf, dtype, divisor):
       **sharding.replicated_out(leaf))
 
 
-def uses_native(leaves: Sequence[jax.Array], dtype, divisor) -> bool:
-  """Whether the CPU form of a leaf's products is the compiled kernel: for
-  float32 leaves accumulated in float32, on the first pass (the rescue pass
-  divides the leaves, which the blocked form does block by block)."""
-  return (divisor is None and jnp.dtype(dtype) == jnp.float32
-          and all(leaf.dtype == jnp.float32 for leaf in leaves) and native.available())
-
-
 def _cpu_block(leaf, dtype, divisor):
   """The Gramian block of one leaf on XLA's CPU backend.
 
@@ -170,7 +162,7 @@ def _cpu_block(leaf, dtype, divisor):
   """
   num_tasks = leaf.shape[0]
   flat = leaf.reshape(num_tasks, -1)
-  if uses_native([leaf], dtype, divisor):
+  if native.applies([leaf], dtype, (divisor,)):
     return native.gramian(flat)
   steps = flat.shape[1] // CPU_CHUNK
 
