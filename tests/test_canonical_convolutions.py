@@ -57,7 +57,9 @@ def test_forward_jvp_and_both_gradients_unchanged(case):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
-def test_loop_body_holds_the_batch_spatial_feature_form():
+def test_loop_body_holds_the_batch_spatial_feature_form(monkeypatch):
+  # Without the compiled kernel: XLA's convolutions, in the fast order.
+  monkeypatch.setenv("OPTAX_MTL_NATIVE", "0")
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   kernel = jax.random.normal(jax.random.key(2), (3, 3, 3, 5))
   conv = lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME",
@@ -78,6 +80,24 @@ def test_loop_body_holds_the_batch_spatial_feature_form():
   np.testing.assert_allclose(
       canonical_convolutions.loop_map(kernel_grads, cotangents),
       lax.map(kernel_grads, cotangents), rtol=1e-5, atol=1e-4)
+
+
+def test_loop_body_convolutions_run_on_the_kernel():
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  kernel = jax.random.normal(jax.random.key(2), (3, 3, 3, 5))
+  # NCHW: rewritten to the kernel's order first, then to the kernel (the
+  # kernel gradient JAX derived is a convolution of its own).
+  conv = lambda k: lax.conv_general_dilated(x.transpose(0, 3, 1, 2), k, (1, 1), "SAME",
+                                            dimension_numbers=("NCHW", "HWIO", "NCHW"))
+  _, vjp = jax.vjp(conv, kernel)
+  cotangents = jax.random.normal(jax.random.key(3), (3, 4, 5, 8, 8))
+  kernel_grads = lambda c: vjp(c)[0]
+  rewritten = jax.jit(lambda c: lax.map(canonical_convolutions.canonical(kernel_grads), c))
+  text = rewritten.lower(cotangents).compile().as_text()
+  assert '"optax_mtl_convolution"' in text
+  assert " convolution(" not in text
+  np.testing.assert_allclose(rewritten(cotangents), lax.map(kernel_grads, cotangents),
+                             rtol=1e-5, atol=1e-4)
 
 
 def test_lean_and_chunked_paths_on_a_convnet_match_the_stacked_path():

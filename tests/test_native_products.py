@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,13 +20,12 @@ import numpy as np
 import pytest
 
 import optax_mtl as mtl
+from compiler import needs_kernel
 from optax_mtl._src.engine import cross as cross_engine
 from optax_mtl._src.engine import native
 from optax_mtl._src.engine import platform
 from optax_mtl._src.engine import statistics
 
-HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
-needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
 
 # Rows on both sides of the tile sizes (3 and 5), columns on both sides of
 # the vector width, the panel (4096) and the split between threads.

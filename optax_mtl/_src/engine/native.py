@@ -1,4 +1,4 @@
-"""A compiled CPU kernel for the task-by-task products of float32 leaves.
+"""Compiled CPU kernels: the task-by-task products of float32 leaves, and convolutions.
 
 ``gramian(a)`` is ``a @ a.T`` and ``cross(a, b)`` is ``a @ b.T`` for
 row-major [T, n] float32 matrices, computed by ``products.cc`` through XLA's
@@ -6,7 +6,9 @@ FFI: register-blocked dot products along the contiguous rows, the Gramian's
 symmetric half skipped, the columns split over XLA's intra-op threads. On a
 2-core AVX-512 machine it is 2.3x faster than torch's MKL product at
 T = 40 and at memory bandwidth at T = 10 (``benchmarks/compare_torchjd.py``),
-where XLA:CPU's own contraction is slower than BLAS.
+where XLA:CPU's own contraction is slower than BLAS. ``convolutions.cc``
+holds the float32 convolutions of ``convolution.py``. Both are built into
+one library.
 
 The kernel is compiled for the host the first time a CPU program needs it,
 with the C++ compiler named by ``$CXX`` (default ``c++``), and cached under
@@ -33,9 +35,22 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-_SOURCE = pathlib.Path(__file__).with_name("products.cc")
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = (_HERE / "products.cc", _HERE / "convolutions.cc")
+_HEADERS = (_HERE / "parallel.h",)
 _GRAMIAN = "optax_mtl_gramian"
 _CROSS = "optax_mtl_cross"
+CONVOLUTION = "optax_mtl_convolution"
+CONVOLUTION_INPUT_GRADIENT = "optax_mtl_convolution_input_gradient"
+CONVOLUTION_KERNEL_GRADIENT = "optax_mtl_convolution_kernel_gradient"
+# Target names and the handlers' symbols in the library.
+_TARGETS = {
+    _GRAMIAN: "OptaxMtlGramian",
+    _CROSS: "OptaxMtlCross",
+    CONVOLUTION: "OptaxMtlConvolution",
+    CONVOLUTION_INPUT_GRADIENT: "OptaxMtlConvolutionInputGradient",
+    CONVOLUTION_KERNEL_GRADIENT: "OptaxMtlConvolutionKernelGradient",
+}
 _COMPILE_SECONDS = 300
 
 _lock = threading.Lock()
@@ -44,13 +59,18 @@ _library = None  # kept alive: XLA holds pointers into it
 
 
 def status() -> str:
-  """How the engine computes the Gramian and cross matrix on CPU, and why.
+  """Whether the compiled CPU kernels are in use, and why not.
 
-  ``"compiled: <path of the kernel>"`` when the compiled kernel is in use;
-  otherwise ``"pure JAX: <reason>"`` (disabled by ``OPTAX_MTL_NATIVE=0``, no
-  C++ compiler, or the compiler's error), with the same results, slower.
-  The first call builds the kernel if it is not cached yet (a few seconds).
-  Accelerators always use the portable contraction.
+  The kernels compute the engine's Gramian and cross matrix of float32
+  leaves, and the float32 ``NHWC``/``HWIO`` convolutions of the loss
+  functions the gradient paths differentiate (``value_and_jacobian``,
+  ``value_and_gramian``, the representation and one-backward paths...).
+  ``"compiled: <path of the library>"`` when they are in use; otherwise
+  ``"pure JAX: <reason>"`` (disabled by ``OPTAX_MTL_NATIVE=0``, no C++
+  compiler, or the compiler's error): XLA's own contraction and
+  convolutions, the same results up to float32 rounding, slower.
+  The first call builds the library if it is not cached yet (a few
+  seconds). Accelerators always use XLA's own operations.
 
   Returns:
     One line, for logs and bug reports.
@@ -124,7 +144,7 @@ def _compile(compiler: str, output: pathlib.Path) -> None:
   partial = output.with_name(f"{output.name}.{os.getpid()}.{threading.get_ident()}")
   attempts = [flags + ["-march=native"], flags]
   for attempt in attempts:
-    result = subprocess.run([compiler, *attempt, str(_SOURCE), "-o", str(partial)],
+    result = subprocess.run([compiler, *attempt, *map(str, _SOURCES), "-o", str(partial)],
                             capture_output=True, text=True, timeout=_COMPILE_SECONDS)
     if result.returncode == 0:
       os.replace(partial, output)
@@ -144,23 +164,23 @@ def _load() -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
     key = hashlib.sha256("\0".join([
-        _SOURCE.read_text(), compiler, version, jax.__version__, _processor(),
+        *(path.read_text() for path in _SOURCES + _HEADERS), compiler, version,
+        jax.__version__, _processor(),
     ]).encode()).hexdigest()[:20]
     path = _cache_dir() / f"products-{key}.so"
     if not path.exists():
       _compile(compiler, path)
     library = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(_GRAMIAN, jax.ffi.pycapsule(library.OptaxMtlGramian),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(_CROSS, jax.ffi.pycapsule(library.OptaxMtlCross),
-                                platform="cpu")
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as error:
     return f"pure JAX: the kernel could not be built ({error})"
   _library = library
   return f"compiled: {path}"
 
 
-def _require() -> None:
+def require() -> None:
   # Registers the targets before a program using them is traced (a program
   # loaded from JAX's persistent cache needs them too).
   if not available():
@@ -170,7 +190,7 @@ def _require() -> None:
 @jax.custom_jvp
 def gramian(a: jax.Array) -> jax.Array:
   """``a @ a.T`` for a [T, n] float32 matrix (requires :func:`available`)."""
-  _require()
+  require()
   call = jax.ffi.ffi_call(_GRAMIAN, jax.ShapeDtypeStruct((a.shape[0],) * 2, jnp.float32),
                           vmap_method="sequential")
   return call(a)
@@ -187,7 +207,7 @@ def _gramian_jvp(primals, tangents):
 def cross(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(a @ b.T, |a_t|^2, |b_s|^2)`` for [T, n] and [S, n] float32 matrices,
   from one read of each (requires :func:`available`)."""
-  _require()
+  require()
   rows, cols = a.shape[0], b.shape[0]
   call = jax.ffi.ffi_call(_CROSS, jax.ShapeDtypeStruct((rows * cols + rows + cols,),
                                                        jnp.float32),

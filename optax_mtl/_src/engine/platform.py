@@ -32,6 +32,11 @@ def dependent(*args: Any, cpu: Callable[..., Any], default: Callable[..., Any]) 
   return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
+def accelerator_forms_active() -> bool:
+  """Whether :func:`accelerator_forms` is in effect."""
+  return _ACCELERATOR_FORMS
+
+
 @contextlib.contextmanager
 def accelerator_forms() -> Iterator[None]:
   """Within the block, every :func:`dependent` choice takes the accelerator form.

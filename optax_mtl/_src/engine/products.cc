@@ -16,14 +16,12 @@
 // in float64, so the result is at least as accurate as a float32 GEMM.
 
 #include <array>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -141,52 +139,17 @@ void Columns(const Problem& problem, int64_t c0, int64_t c1, double* out) {
 // into result (the symmetric product mirrored).
 void Solve(ffi::ThreadPool& pool, const Problem& problem, float* result) {
   const int64_t n = problem.n, size = problem.size();
-  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
   const int64_t operand_rows = static_cast<int64_t>(
       problem.a.size() + (problem.symmetric ? 0 : problem.b.size()));
-  const int64_t entries = n * operand_rows;
-  int64_t parts = entries / kEntriesPerTask;
-  parts = parts < 1 ? 1 : (parts > threads ? threads : parts);
+  const int64_t parts = optax_mtl::Parts(pool, n * operand_rows, kEntriesPerTask);
   // Part boundaries on vector-width multiples keep every part's vectors whole.
   const int64_t per_part = ((n + parts - 1) / parts + kWidth - 1) / kWidth * kWidth;
   std::vector<double> sums(static_cast<size_t>(parts * size), 0.0);
-
-  struct Shared {
-    std::mutex mutex;
-    std::condition_variable done;
-    int64_t next = 0;
-    int64_t running = 0;
-  };
-  auto shared = std::make_shared<Shared>();
-  double* partial = sums.data();
-  const Problem* shared_problem = &problem;
-  // A part is claimed and counted as running under one lock, so the caller
-  // never sees "none left, none running" while a helper is about to start;
-  // it waits only for parts already started, so a busy pool cannot stall it.
-  auto work = [=]() {
-    for (;;) {
-      int64_t p;
-      {
-        std::lock_guard<std::mutex> lock(shared->mutex);
-        if (shared->next >= parts) return;
-        p = shared->next++;
-        ++shared->running;
-      }
-      const int64_t c0 = p * per_part;
-      const int64_t c1 = c0 + per_part < n ? c0 + per_part : n;
-      if (c0 < c1) Columns(*shared_problem, c0, c1, partial + p * size);
-      std::lock_guard<std::mutex> lock(shared->mutex);
-      if (--shared->running == 0) shared->done.notify_all();
-    }
-  };
-  // A helper that starts after the caller returned finds no part left and
-  // touches nothing but the shared state it co-owns.
-  for (int64_t p = 1; p < parts; ++p) pool.Schedule(decltype(work)(work));
-  work();
-  {
-    std::unique_lock<std::mutex> lock(shared->mutex);
-    shared->done.wait(lock, [&] { return shared->running == 0; });
-  }
+  optax_mtl::ParallelFor(pool, parts, [&](int64_t p) {
+    const int64_t c0 = p * per_part;
+    const int64_t c1 = c0 + per_part < n ? c0 + per_part : n;
+    if (c0 < c1) Columns(problem, c0, c1, sums.data() + p * size);
+  });
 
   const int64_t rows = problem.a.size(), cols = problem.b.size();
   auto total = [&](int64_t index) {

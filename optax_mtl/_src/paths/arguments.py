@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from optax_mtl._src.paths import canonical_convolutions
+
 
 def is_module(x) -> bool:
   return nnx.graph.is_graph_node(x)
@@ -106,7 +108,7 @@ class Call:
           for i, m in merged.items()
       }
       return losses, (aux, new_rest)
-    return fn
+    return canonical_convolutions.native(fn)
 
   def write_back(self, new_rest: dict) -> None:
     """Updates the modules' non-differentiated state in place, once."""

@@ -18,7 +18,7 @@ from jax.extend import core
 # leave the equation as it is.
 Rewrite = Callable[[Any, list], "list | None"]
 
-_CALLS = ("jit", "pjit", "closed_call")
+CALLS = ("jit", "pjit", "closed_call")
 
 
 def evaluate(jaxpr, consts: Sequence[Any], args: Sequence[Any],
@@ -40,7 +40,7 @@ def evaluate(jaxpr, consts: Sequence[Any], args: Sequence[Any],
   for eqn in jaxpr.eqns:
     values = [read(v) for v in eqn.invars]
     outs = rewrite(eqn, values) if rewrite is not None else None
-    if outs is None and eqn.primitive.name in _CALLS:
+    if outs is None and eqn.primitive.name in CALLS:
       inner = eqn.params["jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"]
       outs = evaluate(inner.jaxpr, inner.consts, values, rewrite)
     elif outs is None:

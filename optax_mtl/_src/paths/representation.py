@@ -21,6 +21,7 @@ from optax_mtl._src.core import transform
 from optax_mtl._src.engine import combine as combine_lib
 from optax_mtl._src.engine import statistics
 from optax_mtl._src.paths import arguments
+from optax_mtl._src.paths import canonical_convolutions
 
 _NAME = "mtl.value_and_representation_grad"
 _CALL = "step(method_state, encoder, heads, x, *head_args, method_args=None)"
@@ -200,8 +201,8 @@ def value_and_representation_grad(
   def step(method_state, encoder, heads, x, *head_args, method_args=None):
     _check_state(method_state, method)
     forward = _Encoder(encoder, x, encoder_fn)
-    features, encoder_vjp, encoder_rest = jax.vjp(forward.pure, forward.values,
-                                                  has_aux=True)
+    features, encoder_vjp, encoder_rest = jax.vjp(
+        canonical_convolutions.native(forward.pure), forward.values, has_aux=True)
     _check_features(features)
     call = arguments.Call((heads, features) + tuple(head_args), (0, 1), (0, 1),
                           _NAME)

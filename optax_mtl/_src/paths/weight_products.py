@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core
 
+from optax_mtl._src.engine import convolution
 from optax_mtl._src.paths import jaxpr_eval
 
 
@@ -101,8 +102,10 @@ class Analysis(NamedTuple):
     return cotangent.aval.shape[0]
 
   def has_convolution(self) -> bool:
-    """Whether a convolution is among the VJP's top-level equations."""
+    """Whether a convolution (XLA's or the CPU kernel's) is among the VJP's
+    top-level equations."""
     return any(eqn.primitive is lax.conv_general_dilated_p
+               or eqn.primitive in convolution.PRIMITIVES
                for eqn in self.jaxpr.jaxpr.eqns)
 
   def inputs(self, products) -> list:
