@@ -8,6 +8,8 @@ from jax import lax
 
 import convnets
 import optax_mtl as mtl
+from compiler import kernel_convolutions  # noqa: F401  (a fixture)
+from compiler import needs_kernel
 from optax_mtl._src.paths import canonical_convolutions
 
 # (input shape, kernel shape, dimension numbers, strides, padding, lhs
@@ -82,6 +84,8 @@ def test_loop_body_holds_the_batch_spatial_feature_form(monkeypatch):
       lax.map(kernel_grads, cotangents), rtol=1e-5, atol=1e-4)
 
 
+@needs_kernel
+@pytest.mark.usefixtures("kernel_convolutions")
 def test_loop_body_convolutions_run_on_the_kernel():
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   kernel = jax.random.normal(jax.random.key(2), (3, 3, 3, 5))

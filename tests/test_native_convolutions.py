@@ -20,12 +20,13 @@ from jax import lax
 
 import convnets
 import optax_mtl as mtl
+from compiler import kernel_convolutions  # noqa: F401  (a fixture)
 from compiler import needs_kernel
 from optax_mtl._src.engine import convolution
 from optax_mtl._src.engine import platform
 from optax_mtl._src.paths import canonical_convolutions
 
-pytestmark = needs_kernel
+pytestmark = [needs_kernel, pytest.mark.usefixtures("kernel_convolutions")]
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

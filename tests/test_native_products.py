@@ -42,6 +42,14 @@ def _relative(value, reference, scale):
 
 
 @needs_kernel
+def test_paths_take_the_convolution_kernel_only_with_avx512():
+  with open("/proc/cpuinfo") as f:
+    avx512 = " avx512f" in f.read()
+  assert native.convolutions_preferred() == avx512
+  assert ("convolutions: XLA's own" in native.status()) == (not avx512)
+
+
+@needs_kernel
 def test_kernel_is_built_where_a_compiler_exists():
   assert native.available(), native.status()
   assert native.status().startswith("compiled: ")

@@ -6,8 +6,8 @@ primitive whose derivatives are the two other primitives here: the gradient
 with respect to the input and the one with respect to the kernel, each
 bilinear, so that forward and reverse differentiation to any order stay
 among the three. On CPU all three run ``convolutions.cc`` (see
-``native.py``), about twice as fast as XLA:CPU's convolutions at the sizes
-of a small convnet's layers (``benchmarks/compare_torchjd.py``); on other
+``native.py``): with AVX-512, 0.54-0.69x XLA:CPU's time at the sizes of a
+small convnet's layers, and the gradient paths use it only there; on other
 backends they lower to the same ``lax`` convolutions JAX would emit, so an
 accelerator program is unchanged.
 
@@ -41,8 +41,9 @@ _CANONICAL = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 
 
 def supported(lhs, rhs, params: dict) -> bool:
   """Whether a ``conv_general_dilated`` equation's ``params`` on ``lhs`` and
-  ``rhs`` can run as :func:`convolution` on CPU (with the kernel available,
-  outside ``platform.accelerator_forms``).
+  ``rhs`` should run as :func:`convolution` on CPU (with the kernel built
+  for AVX-512, ``native.convolutions_preferred``, outside
+  ``platform.accelerator_forms``).
 
   Not under a mesh: XLA cannot partition the kernel's call, it would gather
   sharded operands onto every device.
@@ -56,7 +57,7 @@ def supported(lhs, rhs, params: dict) -> bool:
           and all(d == 1 for d in params["lhs_dilation"])
           and all(d == 1 for d in params["rhs_dilation"])
           and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
-          and not platform.accelerator_forms_active() and native.available())
+          and not platform.accelerator_forms_active() and native.convolutions_preferred())
 
 
 def convolution(x: jax.Array, w: jax.Array, strides: Sequence[int],

@@ -450,3 +450,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OptaxMtlConvolutionInputGradient, InputGradientImp
                               OPTAX_MTL_CONVOLUTION_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OptaxMtlConvolutionKernelGradient, KernelGradientImpl,
                               OPTAX_MTL_CONVOLUTION_BINDING);
+
+// The vector width the kernels were built with, in floats: the gradient paths
+// use them only with 16 (AVX-512), where they were measured faster than
+// XLA:CPU's convolutions; with 8 they were slower (native.py).
+extern "C" int OptaxMtlConvolutionLanes() { return kLanes; }

@@ -56,6 +56,7 @@ _COMPILE_SECONDS = 300
 _lock = threading.Lock()
 _status: str | None = None
 _library = None  # kept alive: XLA holds pointers into it
+_convolution_lanes = 0
 
 
 def status() -> str:
@@ -65,7 +66,9 @@ def status() -> str:
   leaves, and the float32 ``NHWC``/``HWIO`` convolutions of the loss
   functions the gradient paths differentiate (``value_and_jacobian``,
   ``value_and_gramian``, the representation and one-backward paths...).
-  ``"compiled: <path of the library>"`` when they are in use; otherwise
+  ``"compiled: <path of the library>"`` when they are in use (followed by
+  a note where the convolutions stay XLA's: the processor has no AVX-512,
+  see :func:`convolutions_preferred`); otherwise
   ``"pure JAX: <reason>"`` (disabled by ``OPTAX_MTL_NATIVE=0``, no C++
   compiler, or the compiler's error): XLA's own contraction and
   convolutions, the same results up to float32 rounding, slower.
@@ -82,8 +85,10 @@ def status() -> str:
   """
   if _disabled():
     return "pure JAX: disabled by OPTAX_MTL_NATIVE=0"
-  available()
-  return _status
+  if not available() or convolutions_preferred():
+    return _status
+  return (f"{_status} (convolutions: XLA's own; the kernel's need AVX-512, "
+          f"which this processor lacks)")
 
 
 def _disabled() -> bool:
@@ -99,6 +104,18 @@ def available() -> bool:
     if _status is None:
       _status = _load()
     return _status.startswith("compiled")
+
+
+def convolutions_preferred() -> bool:
+  """Whether the gradient paths run float32 convolutions on the kernel.
+
+  Only where it was built with 16-float vectors (AVX-512): there its
+  forward pass and gradients took 0.54-0.69x XLA:CPU's time per layer of
+  a small convnet; built with 8-float vectors (AVX2) the same CNN's
+  exact-path step took 1.26x XLA's (``benchmarks/train_step.py --size
+  medium``, both on 2-core AMD EPYC machines), so XLA's convolutions stay.
+  """
+  return available() and _convolution_lanes >= 16
 
 
 def applies(leaves: Sequence[jax.Array], dtype, divisors: Sequence[Any]) -> bool:
@@ -154,7 +171,7 @@ def _compile(compiler: str, output: pathlib.Path) -> None:
 
 
 def _load() -> str:
-  global _library
+  global _library, _convolution_lanes
   if not jax.ffi.include_dir() or not os.path.isdir(jax.ffi.include_dir()):
     return "pure JAX: this jaxlib ships no FFI headers"
   compiler = shutil.which(os.environ.get("CXX", "c++"))
@@ -177,6 +194,7 @@ def _load() -> str:
   except (OSError, RuntimeError, subprocess.SubprocessError) as error:
     return f"pure JAX: the kernel could not be built ({error})"
   _library = library
+  _convolution_lanes = library.OptaxMtlConvolutionLanes()
   return f"compiled: {path}"
 
 
