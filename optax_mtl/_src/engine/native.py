@@ -67,8 +67,8 @@ def status() -> str:
   functions the gradient paths differentiate (``value_and_jacobian``,
   ``value_and_gramian``, the representation and one-backward paths...).
   ``"compiled: <path of the library>"`` when they are in use (followed by
-  a note where the convolutions stay XLA's: the processor has no AVX-512,
-  see :func:`convolutions_preferred`); otherwise
+  a note where the convolutions stay XLA's: on a processor without
+  AVX-512, where XLA's were measured faster); otherwise
   ``"pure JAX: <reason>"`` (disabled by ``OPTAX_MTL_NATIVE=0``, no C++
   compiler, or the compiler's error): XLA's own contraction and
   convolutions, the same results up to float32 rounding, slower.
