@@ -39,11 +39,16 @@ _CANONICAL = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 
                                       out_spec=(0, 3, 1, 2))
 
 
+def in_use() -> bool:
+  """Whether CPU programs take the kernel: built for AVX-512
+  (``native.convolutions_preferred``) and outside
+  ``platform.accelerator_forms``."""
+  return not platform.accelerator_forms_active() and native.convolutions_preferred()
+
+
 def supported(lhs, rhs, params: dict) -> bool:
   """Whether a ``conv_general_dilated`` equation's ``params`` on ``lhs`` and
-  ``rhs`` should run as :func:`convolution` on CPU (with the kernel built
-  for AVX-512, ``native.convolutions_preferred``, outside
-  ``platform.accelerator_forms``).
+  ``rhs`` should run as :func:`convolution` on CPU (:func:`in_use`).
 
   Not under a mesh: XLA cannot partition the kernel's call, it would gather
   sharded operands onto every device.
@@ -57,7 +62,7 @@ def supported(lhs, rhs, params: dict) -> bool:
           and all(d == 1 for d in params["lhs_dilation"])
           and all(d == 1 for d in params["rhs_dilation"])
           and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
-          and not platform.accelerator_forms_active() and native.convolutions_preferred())
+          and in_use())
 
 
 def convolution(x: jax.Array, w: jax.Array, strides: Sequence[int],

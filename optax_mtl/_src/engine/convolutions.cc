@@ -378,11 +378,15 @@ ffi::Error KernelGradient(ffi::ThreadPool& pool, const Image& in, const Image& g
   return ffi::Error::Success();
 }
 
+// Checks a call's operands, output and attributes.
 ffi::Error CheckCall(std::initializer_list<const ffi::Buffer<ffi::F32>*> operands,
+                     ffi::ResultBuffer<ffi::F32>& out, size_t out_rank,
                      int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left) {
   for (const auto* operand : operands)
     if (operand->dimensions().size() != 4)
       return ffi::Error::InvalidArgument("expected NHWC images and HWIO kernels");
+  if (out->dimensions().size() != out_rank)
+    return ffi::Error::InvalidArgument("convolution: unexpected output rank");
   if (stride_h < 1 || stride_w < 1 || pad_top < 0 || pad_left < 0)
     return ffi::Error::InvalidArgument("strides must be positive and paddings non-negative");
   return ffi::Error::Success();
@@ -392,11 +396,8 @@ ffi::Error ConvolutionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> out,
                            int64_t stride_h, int64_t stride_w, int64_t pad_top,
                            int64_t pad_left) {
-  if (ffi::Error e = CheckCall({&in, &kernel}, stride_h, stride_w, pad_top, pad_left);
-      e.failure())
-    return e;
-  if (out->dimensions().size() != 4) return ffi::Error::InvalidArgument("convolution: output");
-  if (out->element_count() == 0) return ffi::Error::Success();
+  ffi::Error e = CheckCall({&in, &kernel}, out, 4, stride_h, stride_w, pad_top, pad_left);
+  if (e.failure() || out->element_count() == 0) return e;
   const auto k = kernel.dimensions();
   return Forward(pool, View(in), k, kernel.typed_data(), out,
                  {k[0], k[1], stride_h, stride_w, pad_top, pad_left});
@@ -406,27 +407,21 @@ ffi::Error InputGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad,
                              ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> out,
                              int64_t stride_h, int64_t stride_w, int64_t pad_top,
                              int64_t pad_left) {
-  if (ffi::Error e = CheckCall({&grad, &kernel}, stride_h, stride_w, pad_top, pad_left);
-      e.failure())
-    return e;
-  if (out->dimensions().size() != 4)
-    return ffi::Error::InvalidArgument("convolution input gradient: output");
-  if (out->element_count() == 0) return ffi::Error::Success();
+  ffi::Error e = CheckCall({&grad, &kernel}, out, 4, stride_h, stride_w, pad_top, pad_left);
+  if (e.failure() || out->element_count() == 0) return e;
   const auto k = kernel.dimensions();
   return InputGradient(pool, View(grad), k, kernel.typed_data(), out,
                        {k[0], k[1], stride_h, stride_w, pad_top, pad_left});
 }
 
+// The output holds one [kh, kw, c, n] slot per thread; the total lands in slot 0.
 ffi::Error KernelGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
                               ffi::Buffer<ffi::F32> grad, ffi::ResultBuffer<ffi::F32> out,
                               int64_t stride_h, int64_t stride_w, int64_t pad_top,
                               int64_t pad_left) {
-  if (ffi::Error e = CheckCall({&in, &grad}, stride_h, stride_w, pad_top, pad_left);
-      e.failure())
-    return e;
-  if (out->element_count() == 0) return ffi::Error::Success();
+  ffi::Error e = CheckCall({&in, &grad}, out, 5, stride_h, stride_w, pad_top, pad_left);
+  if (e.failure() || out->element_count() == 0) return e;
   const auto d = out->dimensions();
-  if (d.size() != 5) return ffi::Error::InvalidArgument("kernel gradient: expected 5 dims");
   return KernelGradient(pool, View(in), View(grad), out,
                         {d[1], d[2], stride_h, stride_w, pad_top, pad_left});
 }

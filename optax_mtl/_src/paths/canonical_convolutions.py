@@ -103,7 +103,9 @@ def native(fn: Callable[..., Any]) -> Callable[..., Any]:
   """
 
   def wrapped(*args):
-    if jax.default_backend() != "cpu" or platform.accelerator_forms_active():
+    # Where no convolution can move (off the CPU, or a kernel the paths do
+    # not take), fn is traced once, as it is.
+    if jax.default_backend() != "cpu" or not convolution.in_use():
       return fn(*args)
     outputs = {}
 
