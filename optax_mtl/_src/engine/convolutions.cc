@@ -46,21 +46,27 @@ constexpr int kPixels = 6;
 constexpr int kVectors = 4;
 #elif defined(__AVX__)
 constexpr int kLanes = 8;
-constexpr int kPixels = 4;
-constexpr int kVectors = 3;
+constexpr int kPixels = 6;
+constexpr int kVectors = 2;
 #else
 constexpr int kLanes = 4;
 constexpr int kPixels = 4;
 constexpr int kVectors = 3;
 #endif
 
-// Pixels per unit of work: its input rows stay in cache while every block of
-// output channels is computed.
-constexpr int64_t kChunk = 64;
+// Pixels per unit of work, whole tiles: its input rows stay in cache while
+// every block of output channels is computed.
+constexpr int64_t kChunk = 10 * kPixels;
 // Multiply-adds per thread below which a call is not split further.
 constexpr int64_t kMacsPerPart = int64_t{1} << 21;
 
 typedef float Lane __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Lane Load(const float* p) {
+  Lane v;
+  std::memcpy(&v, p, sizeof(Lane));
+  return v;
+}
 
 int64_t RoundUp(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -73,17 +79,24 @@ template <int P, int V>
 void GatherTile(const float* const* src, const float* const* weights, int64_t taps,
                 int64_t depth, int64_t ldw, float* const* dst, int64_t last) {
   Lane acc[P][V];
+#pragma GCC unroll 8
   for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[p][v] = Lane{};
   for (int64_t t = 0; t < taps; ++t) {
-    const float* const* s = src + t * kPixels;
+    const float* x[P];
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) x[p] = src[t * kPixels + p];
     const float* w = weights[t];
-    for (int64_t k = 0; k < depth; ++k) {
+    for (int64_t k = 0; k < depth; ++k, w += ldw) {
       Lane wv[V];
-      for (int v = 0; v < V; ++v) std::memcpy(&wv[v], w + k * ldw + v * kLanes, sizeof(Lane));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) wv[v] = Load(w + v * kLanes);
+#pragma GCC unroll 8
       for (int p = 0; p < P; ++p) {
-        const float x = s[p][k];
-        for (int v = 0; v < V; ++v) acc[p][v] += x * wv[v];
+        const float xp = x[p][k];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) acc[p][v] += xp * wv[v];
       }
     }
   }
@@ -193,35 +206,59 @@ void SplitPixels(ffi::ThreadPool& pool, int64_t count, int64_t macs, const Fn& f
   });
 }
 
-// For output pixels q in [begin, end): locate(q, column, &dst) points
+// The pixels a kernel call computes, in row-major order over [images, rows,
+// cols], and where pixel q of them is.
+struct Grid {
+  int64_t rows, cols;
+};
+
+struct Pixel {
+  int64_t image, row, col;
+};
+
+Pixel Locate(const Grid& grid, int64_t q) {
+  return {q / (grid.rows * grid.cols), (q / grid.cols) % grid.rows, q % grid.cols};
+}
+
+void Advance(const Grid& grid, Pixel& pixel) {
+  if (++pixel.col < grid.cols) return;
+  pixel.col = 0;
+  if (++pixel.row < grid.rows) return;
+  pixel.row = 0;
+  ++pixel.image;
+}
+
+// For the grid's pixels q in [begin, end): point(pixel, column, &dst) points
 // column[t * kPixels] at the row tap t reads (or zeros) and dst at the
 // pixel's output row; the products with the taps' `weights` (`depth` rows of
-// `ldw` floats each) give its `lanes` outputs. Chunk by chunk of pixels,
-// block by block of output channels, tile by tile.
-template <typename Locate>
-void Gather(int64_t begin, int64_t end, const Locate& locate,
+// `ldw` floats each) give its `lanes` outputs. Chunk by chunk of pixels (their
+// taps located once), block by block of output channels, tile by tile.
+template <typename Point>
+void Gather(int64_t begin, int64_t end, const Grid& grid, const Point& point,
             const std::vector<const float*>& weights, int64_t depth, int64_t ldw,
             int64_t lanes) {
   const int64_t taps = static_cast<int64_t>(weights.size());
   const int64_t block = kVectors * kLanes;
   std::vector<const float*> tap_weights(weights.size());
-  std::vector<const float*> table(static_cast<size_t>(taps * kPixels));
+  // Tile k's taps at table[k * taps * kPixels], as GatherTile reads them.
+  std::vector<const float*> table(static_cast<size_t>(taps * kChunk));
+  float* dst[kChunk];
+  Pixel pixel = Locate(grid, begin);
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-    const int64_t c1 = std::min(end, c0 + kChunk);
+    const int64_t pixels = std::min(kChunk, end - c0);
+    for (int64_t q = 0; q < pixels; ++q, Advance(grid, pixel))
+      point(pixel, table.data() + q / kPixels * taps * kPixels + q % kPixels, &dst[q]);
     for (int64_t n0 = 0; n0 < lanes; n0 += block) {
       const int64_t n = std::min(block, lanes - n0);
       const int64_t vectors = (n + kLanes - 1) / kLanes;
       const int64_t last = n - (vectors - 1) * kLanes;
       for (int64_t t = 0; t < taps; ++t) tap_weights[t] = weights[t] + n0;
-      for (int64_t p0 = c0; p0 < c1; p0 += kPixels) {
-        const int64_t count = std::min<int64_t>(kPixels, c1 - p0);
-        float* dst[kPixels];
-        for (int64_t p = 0; p < count; ++p) {
-          locate(p0 + p, table.data() + p, &dst[p]);
-          dst[p] += n0;
-        }
-        kGather[count - 1][vectors - 1](table.data(), tap_weights.data(), taps, depth, ldw,
-                                        dst, last);
+      for (int64_t p0 = 0; p0 < pixels; p0 += kPixels) {
+        const int64_t count = std::min<int64_t>(kPixels, pixels - p0);
+        float* out[kPixels];
+        for (int64_t p = 0; p < count; ++p) out[p] = dst[p0 + p] + n0;
+        kGather[count - 1][vectors - 1](table.data() + p0 * taps, tap_weights.data(), taps,
+                                        depth, ldw, out, last);
       }
     }
   }
@@ -239,20 +276,19 @@ ffi::Error Forward(ffi::ThreadPool& pool, const Image& in, ffi::Span<const int64
   const std::vector<float> zeros(static_cast<size_t>(in.c), 0.0f);
   std::vector<const float*> taps;
   for (int64_t t = 0; t < win.kh * win.kw; ++t) taps.push_back(weights + t * in.c * ldw);
-  auto locate = [&](int64_t q, const float** column, float** dst) {
-    const int64_t x = q % ow, y = (q / ow) % oh, b = q / (ow * oh);
-    *dst = out + q * n;
+  auto point = [&](const Pixel& q, const float** column, float** dst) {
+    *dst = out + ((q.image * oh + q.row) * ow + q.col) * n;
     for (int64_t i = 0, t = 0; i < win.kh; ++i)
       for (int64_t j = 0; j < win.kw; ++j, ++t) {
-        const int64_t iy = y * win.stride_h + i - win.pad_top;
-        const int64_t ix = x * win.stride_w + j - win.pad_left;
-        column[t * kPixels] = in.inside(iy, ix) ? in.at(b, iy, ix) : zeros.data();
+        const int64_t iy = q.row * win.stride_h + i - win.pad_top;
+        const int64_t ix = q.col * win.stride_w + j - win.pad_left;
+        column[t * kPixels] = in.inside(iy, ix) ? in.at(q.image, iy, ix) : zeros.data();
       }
   };
   const int64_t count = in.b * oh * ow;
   SplitPixels(pool, count, count * win.kh * win.kw * in.c * n,
               [&](int64_t begin, int64_t end) {
-                Gather(begin, end, locate, taps, in.c, ldw, n);
+                Gather(begin, end, {oh, ow}, point, taps, in.c, ldw, n);
               });
   return ffi::Error::Success();
 }
@@ -295,9 +331,9 @@ ffi::Error InputGradient(ffi::ThreadPool& pool, const Image& grad,
         }
       const int64_t ny = (h - ph + win.stride_h - 1) / win.stride_h;
       const int64_t nx = (w - pw + win.stride_w - 1) / win.stride_w;
-      auto locate = [&](int64_t q, const float** column, float** dst) {
-        const int64_t x = pw + (q % nx) * win.stride_w, y = ph + ((q / nx) % ny) * win.stride_h;
-        const int64_t i = q / (nx * ny);
+      auto point = [&](const Pixel& q, const float** column, float** dst) {
+        const int64_t x = pw + q.col * win.stride_w, y = ph + q.row * win.stride_h;
+        const int64_t i = q.image;
         *dst = out + ((i * h + y) * w + x) * c;
         // Exact divisions: the phase's taps are the ones that divide.
         const int64_t oy0 = (y + win.pad_top - rows.first) / win.stride_h;
@@ -311,7 +347,7 @@ ffi::Error InputGradient(ffi::ThreadPool& pool, const Image& grad,
       const int64_t count = b * ny * nx;
       SplitPixels(pool, count, count * static_cast<int64_t>(taps.size()) * n * c,
                   [&](int64_t begin, int64_t end) {
-                    Gather(begin, end, locate, taps, n, ldw, c);
+                    Gather(begin, end, {ny, nx}, point, taps, n, ldw, c);
                   });
     }
   }
