@@ -42,11 +42,11 @@ def _relative(value, reference, scale):
 
 
 @needs_kernel
-def test_paths_take_the_convolution_kernel_only_with_avx512():
+def test_paths_take_the_convolution_kernel_only_with_avx():
   with open("/proc/cpuinfo") as f:
-    avx512 = " avx512f" in f.read()
-  assert native.convolutions_preferred() == avx512
-  assert ("convolutions: XLA's own" in native.status()) == (not avx512)
+    avx = " avx" in f.read()
+  assert native.convolutions_preferred() == avx
+  assert ("convolutions: XLA's own" in native.status()) == (not avx)
 
 
 @needs_kernel
@@ -184,6 +184,51 @@ _CHILD = textwrap.dedent("""
     print(native.status())
     print("custom calls", text.count("optax_mtl_"), "error ok", err < 1e-6)
 """)
+
+
+_MARCH_CHILD = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax import lax
+    import optax_mtl as mtl
+    from optax_mtl._src.engine import convolution, native
+    jax.config.update("jax_platforms", "cpu")
+    print(native.status())
+    x = jax.random.normal(jax.random.key(0), (3, 9, 7, 5))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 5, 21))
+    pads = ((1, 1), (0, 2))
+    kernel = jax.jit(lambda x, w: convolution.convolution(x, w, (2, 1), pads))(x, w)
+    ref = lax.conv_general_dilated(x, w, (2, 1), pads,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   precision="highest")
+    err = float(jnp.max(jnp.abs(kernel - ref)) / jnp.max(jnp.abs(ref)))
+    print(native._convolution_lanes, native.convolutions_preferred(), err < 1e-5)
+""")
+
+
+@needs_kernel
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 targets")
+def test_a_named_target_builds_its_vector_width(tmp_path):
+  # The baseline x86-64 target: 4-float vectors, on which the paths keep
+  # XLA's convolutions, while the kernel still computes them right.
+  env = {**os.environ, "OPTAX_MTL_CACHE_DIR": str(tmp_path), "OPTAX_MTL_MARCH": "x86-64"}
+  result = subprocess.run([sys.executable, "-c", _MARCH_CHILD], env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+  status, checks = result.stdout.strip().splitlines()[-2:]
+  assert status.startswith("compiled: "), status
+  assert status.endswith("(convolutions: XLA's own; the kernel's need AVX, which "
+                         "this processor lacks)")
+  assert checks == "4 False True"
+
+
+@needs_kernel
+def test_a_target_the_compiler_refuses_is_reported(tmp_path):
+  env = {**os.environ, "OPTAX_MTL_CACHE_DIR": str(tmp_path),
+         "OPTAX_MTL_MARCH": "no-such-target"}
+  result = subprocess.run([sys.executable, "-c", _MARCH_CHILD.split("x = ")[0]], env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+  status = result.stdout.strip().splitlines()[-1]
+  assert status.startswith("pure JAX: the kernel could not be built ("), status
+  assert "no-such-target" in status
 
 
 @pytest.mark.parametrize("environment,expected", [

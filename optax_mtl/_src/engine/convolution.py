@@ -6,9 +6,9 @@ primitive whose derivatives are the two other primitives here: the gradient
 with respect to the input and the one with respect to the kernel, each
 bilinear, so that forward and reverse differentiation to any order stay
 among the three. On CPU all three run ``convolutions.cc`` (see
-``native.py``): with AVX-512, 0.54-0.69x XLA:CPU's time at the sizes of a
-small convnet's layers, and the gradient paths use it only there; on other
-backends they lower to the same ``lax`` convolutions JAX would emit, so an
+``native.py``), faster than XLA:CPU's convolutions at the sizes of a
+small convnet's layers with AVX or AVX-512 (``benchmarks/convolutions.py``),
+and the gradient paths use it there; on other backends they lower to the same ``lax`` convolutions JAX would emit, so an
 accelerator program is unchanged.
 
 The gradient paths rewrite the convolutions of a loss function to this
@@ -40,7 +40,7 @@ _CANONICAL = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 
 
 
 def in_use() -> bool:
-  """Whether CPU programs take the kernel: built for AVX-512
+  """Whether CPU programs take the kernel: built with AVX or AVX-512
   (``native.convolutions_preferred``) and outside
   ``platform.accelerator_forms``."""
   return not platform.accelerator_forms_active() and native.convolutions_preferred()

@@ -10,14 +10,14 @@
 // layers. Here each is a register-blocked product: a tile of output pixels
 // by a few vectors of output channels stays in registers while the kernel
 // taps and channels are summed. Each pixel's taps are pointers, set once per
-// tile, to the input rows they read, or to a row of zeros outside the image
+// chunk of pixels, to the input rows they read, or to a row of zeros outside the image
 // (the padding): no bounds checks in the inner loop, and no padded copy.
 //
 // The input gradient is a convolution of the output gradient with the
 // transposed kernel, run separately for each phase of the stride (the input
 // pixels that the same kernel taps reach); the kernel gradient sums the
 // products of input patches and output gradients over the pixels, each
-// thread for its own kernel taps.
+// thread over its own pixels into a copy of its own, added up at the end.
 //
 // Numerics: float32 products summed in float32, in an order that differs from
 // XLA's by rounding only.
@@ -38,8 +38,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 // Lanes per vector, and the register tile: kPixels pixels by up to kVectors
-// vectors of channels (with AVX-512, 24 accumulators and 4 operand vectors of
-// the 32 registers; 12 and 3 of 16 otherwise).
+// vectors of channels: with AVX-512, 24 accumulators and 4 operand vectors of
+// the 32 registers; with AVX, 12 and 2 of 16 (6 pixels by 16 channels, which
+// power-of-two channel counts fill); without, 12 and 3 of 16.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 constexpr int kPixels = 6;
@@ -483,6 +484,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OptaxMtlConvolutionKernelGradient, KernelGradientI
                               OPTAX_MTL_CONVOLUTION_BINDING);
 
 // The vector width the kernels were built with, in floats: the gradient paths
-// use them only with 16 (AVX-512), where they were measured faster than
-// XLA:CPU's convolutions; with 8 they were slower (native.py).
+// use them with 8 (AVX) or 16 (AVX-512), where they were measured faster than
+// XLA:CPU's convolutions, not with 4 (native.py).
 extern "C" int OptaxMtlConvolutionLanes() { return kLanes; }

@@ -14,7 +14,9 @@ The kernel is compiled for the host the first time a CPU program needs it,
 with the C++ compiler named by ``$CXX`` (default ``c++``), and cached under
 ``$OPTAX_MTL_CACHE_DIR`` (default ``~/.cache/optax_mtl``, or the temporary
 directory when that is not writable), keyed by the source, the compiler, the
-JAX version and the processor. Without a compiler, or with
+JAX version, the processor and the target: ``-march=native``, or
+``-march=$OPTAX_MTL_MARCH`` where that is set (``x86-64-v3`` builds the AVX2
+form on a processor with AVX-512, for a cache shared with older machines). Without a compiler, or with
 ``OPTAX_MTL_NATIVE=0``, the engine keeps its pure-JAX CPU form: same
 results, slower. :func:`status` says which is in use and why.
 """
@@ -67,8 +69,9 @@ def status() -> str:
   functions the gradient paths differentiate (``value_and_jacobian``,
   ``value_and_gramian``, the representation and one-backward paths...).
   ``"compiled: <path of the library>"`` when they are in use (followed by
-  a note where the convolutions stay XLA's: on a processor without
-  AVX-512, where XLA's were measured faster); otherwise
+  a note where the convolutions stay XLA's: on a processor without AVX,
+  where the kernel has 4-float vectors and was not measured faster);
+  otherwise
   ``"pure JAX: <reason>"`` (disabled by ``OPTAX_MTL_NATIVE=0``, no C++
   compiler, or the compiler's error): XLA's own contraction and
   convolutions, the same results up to float32 rounding, slower.
@@ -87,7 +90,7 @@ def status() -> str:
     return "pure JAX: disabled by OPTAX_MTL_NATIVE=0"
   if not available() or convolutions_preferred():
     return _status
-  return (f"{_status} (convolutions: XLA's own; the kernel's need AVX-512, "
+  return (f"{_status} (convolutions: XLA's own; the kernel's need AVX, "
           f"which this processor lacks)")
 
 
@@ -109,13 +112,14 @@ def available() -> bool:
 def convolutions_preferred() -> bool:
   """Whether the gradient paths run float32 convolutions on the kernel.
 
-  Only where it was built with 16-float vectors (AVX-512): there its
-  forward pass and gradients took 0.54-0.69x XLA:CPU's time per layer of
-  a small convnet; built with 8-float vectors (AVX2) the same CNN's
-  exact-path step took 1.26x XLA's (``benchmarks/train_step.py --size
-  medium``, both on 2-core AMD EPYC machines), so XLA's convolutions stay.
+  Where it was built with 8- or 16-float vectors (AVX, AVX-512): there
+  its forward pass and gradients took less time than XLA:CPU's per layer
+  of a small convnet, and the unrolled per-task Jacobian of that convnet
+  less than XLA's (``benchmarks/convolutions.py``, on 2-core AMD EPYC
+  machines with AVX2 and with AVX-512). Built with 4-float vectors (no
+  AVX) it was not measured, and XLA's convolutions stay.
   """
-  return available() and _convolution_lanes >= 16
+  return available() and _convolution_lanes >= 8
 
 
 def applies(leaves: Sequence[jax.Array], dtype, divisors: Sequence[Any]) -> bool:
@@ -154,20 +158,32 @@ def _processor() -> str:
     return platform.processor() + platform.machine()
 
 
+def _march() -> str | None:
+  """``$OPTAX_MTL_MARCH``, the target the user asked for, if any."""
+  return os.environ.get("OPTAX_MTL_MARCH") or None
+
+
 def _compile(compiler: str, output: pathlib.Path) -> None:
   output.parent.mkdir(parents=True, exist_ok=True)
   flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
   # Unique per process: concurrent test workers may build the same library.
   partial = output.with_name(f"{output.name}.{os.getpid()}.{threading.get_ident()}")
-  attempts = [flags + ["-march=native"], flags]
+  # A target the user named is built or refused; native falls back to the
+  # compiler's default target where it cannot build for the host.
+  march = _march()
+  attempts = [flags + [f"-march={march}"]] if march else [flags + ["-march=native"], flags]
   for attempt in attempts:
     result = subprocess.run([compiler, *attempt, *map(str, _SOURCES), "-o", str(partial)],
                             capture_output=True, text=True, timeout=_COMPILE_SECONDS)
     if result.returncode == 0:
       os.replace(partial, output)
       return
-  raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr else
-                     f"{compiler} exited with {result.returncode}")
+  lines = result.stderr.strip().splitlines()
+  errors = [line for line in lines if "error" in line] or lines[-1:]
+  message = errors[0] if errors else f"{compiler} exited with {result.returncode}"
+  if march:
+    message = f"OPTAX_MTL_MARCH={march}: {message}"
+  raise RuntimeError(message)
 
 
 def _load() -> str:
@@ -182,7 +198,7 @@ def _load() -> str:
                              timeout=60).stdout
     key = hashlib.sha256("\0".join([
         *(path.read_text() for path in _SOURCES + _HEADERS), compiler, version,
-        jax.__version__, _processor(),
+        jax.__version__, _processor(), _march() or "native",
     ]).encode()).hexdigest()[:20]
     path = _cache_dir() / f"products-{key}.so"
     if not path.exists():
