@@ -92,6 +92,27 @@ def cpu_kernel() -> str | None:
   return "compiled kernel" if status.startswith("compiled") else status
 
 
+def cpu_name() -> str:
+  """The processor's model name (``/proc/cpuinfo``), or what Python knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def write_report(out: str, stem: str, report: dict, text: str) -> None:
+  """``out/stem.json`` (compact) and ``out/stem.md``; says where they went."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{stem}.json"), "w") as f:
+    f.write(json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n")
+  write_text(os.path.join(out, f"{stem}.md"), text)
+  print(f"wrote {os.path.join(out, stem)}.json and .md")
+
+
 def device_line() -> str:
   info = device_info()
   return (f"Measured on {info['backend'].upper()} ({info['device']}, "

@@ -742,17 +742,6 @@ def train_case(setting: Setting, num_tasks: int, rounds: int, compiler_options):
 # Report.
 
 
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def _versions() -> dict[str, str]:
   from importlib import metadata
   out = {"python": platform.python_version()}
@@ -969,7 +958,7 @@ def main(argv=None):
   solve_repeats = repeats if args.quick else 3 * repeats
   settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
   backend = jax.default_backend()
-  device = _cpu_name() if backend == "cpu" else str(jax.devices()[0].device_kind)
+  device = common.cpu_name() if backend == "cpu" else str(jax.devices()[0].device_kind)
   print(f"{device} ({backend}), {os.cpu_count()} cores; torch threads "
         f"{torch.get_num_threads()}", flush=True)
 

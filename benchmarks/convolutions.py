@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
-import platform
 import statistics
 import time
 from typing import Callable, NamedTuple
@@ -261,17 +259,6 @@ def _vector_width() -> str:
   return "no AVX"
 
 
-def _processor() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
@@ -304,7 +291,7 @@ def main(argv=None) -> dict:
     parser.error(f"the compiled CPU kernel is not in use here ({status}); "
                  f"install a C++ compiler or unset OPTAX_MTL_NATIVE.")
 
-  print(f"{_processor()}, {os.cpu_count()} cores, {_vector_width()}, kernel "
+  print(f"{common.cpu_name()}, {os.cpu_count()} cores, {_vector_width()}, kernel "
         f"built with {native._convolution_lanes}-float vectors; size {size_name}",
         flush=True)
   load_average = list(os.getloadavg())
@@ -330,7 +317,7 @@ def main(argv=None) -> dict:
   report = {
       "benchmark": "convolutions",
       "date": datetime.date.today().isoformat(),
-      "processor": _processor(),
+      "processor": common.cpu_name(),
       "vector": _vector_width(),
       "kernel_lanes": native._convolution_lanes,
       "march": os.environ.get("OPTAX_MTL_MARCH") or "native",
@@ -348,11 +335,7 @@ def main(argv=None) -> dict:
   out = pathlib.Path(args.out)
   stem = "convolutions_cpu_" + ("quick" if size_name == "quick"
                                 else f"{32 * native._convolution_lanes}bit")
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"{stem}.json").write_text(
-      json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n")
-  (out / f"{stem}.md").write_text(markdown(report))
-  print(f"wrote {out / stem}.json and .md")
+  common.write_report(str(out), stem, report, markdown(report))
   return report
 
 

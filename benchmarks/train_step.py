@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -497,11 +496,7 @@ def main(argv=None):
                     if args.model == "mlp" else {})},
       "cases": cases,
   }
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"{stem}.json").write_text(
-      json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n")
-  (out / f"{stem}.md").write_text(markdown(report))
-  print(f"wrote {out / stem}.json and .md")
+  common.write_report(str(out), stem, report, markdown(report))
   return report
 
 
