@@ -84,7 +84,9 @@ def test_kernels_match_float64(geometry):
   _assert_close(dk, dk64)
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=range(3))
+# The first three, and one whose 64 output channels fill whole vectors (vmap
+# over the output gradients then stacks them along the kernel's batch).
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3] + GEOMETRIES[6:7], ids=[0, 1, 2, 6])
 def test_derivatives_and_batching_match_xla(geometry):
   x, k, strides, padding = _operands(geometry)
   x, k = jnp.asarray(x), jnp.asarray(k)
@@ -105,6 +107,13 @@ def test_derivatives_and_batching_match_xla(geometry):
         "vmap kernels": jax.vmap(conv, (None, 0))(x, jnp.stack([k, 3 * k])),
         "vmap both": jax.vmap(conv)(jnp.stack([x, x]), jnp.stack([k, -k])),
         "vmap cotangents": jax.vmap(jax.vjp(conv, x, k)[1])(jnp.stack([g, 0.5 * g])),
+        "vmap of vmap cotangents": jax.vmap(jax.vmap(jax.vjp(conv, x, k)[1]))(
+            jnp.stack([jnp.stack([g, 0.5 * g, -g])] * 2)),
+        # Derivatives of a Jacobian: through the stacked kernel gradients, in
+        # the images and in the cotangents.
+        "derivatives of vmapped cotangents": jax.grad(
+            lambda a, cts: jnp.sum(jnp.cos(jax.vmap(jax.vjp(conv, a, k)[1])(cts)[1])),
+            argnums=(0, 1))(x, jnp.stack([g, 0.5 * g])),
         "vmap of vjp of kernels": jax.vmap(
             lambda b: jax.vjp(conv, x, b)[1](g))(jnp.stack([k, -k])),
         "linear transpose": jax.linear_transpose(

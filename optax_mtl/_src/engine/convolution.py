@@ -96,10 +96,14 @@ def _portable_input_gradient(g, w, *, strides, padding, precision, input_hw):
 
 def _portable_kernel_gradient(x, g, *, strides, padding, precision, kernel_hw):
   shape = jax.ShapeDtypeStruct((*kernel_hw, x.shape[3], g.shape[3]), g.dtype)
-  (dw,) = jax.linear_transpose(
+  transpose = jax.linear_transpose(
       lambda w: _portable_forward(x, w, strides=strides, padding=padding,
-                                  precision=precision), shape)(g)
-  return dw
+                                  precision=precision), shape)
+  groups = _groups(x.shape, g.shape)
+  if groups == 1:
+    return transpose(g)[0]
+  dw = jax.vmap(lambda g: transpose(g)[0])(g.reshape(groups, x.shape[0], *g.shape[1:]))
+  return _channels_last(dw, 3)
 
 
 def _output_size(size, window, stride, low, high):
@@ -121,7 +125,40 @@ def _abstract_input_gradient(g, w, *, strides, padding, precision, input_hw):
 
 
 def _abstract_kernel_gradient(x, g, *, strides, padding, precision, kernel_hw):
-  return jax.core.ShapedArray((*kernel_hw, x.shape[3], g.shape[3]), jnp.float32)
+  groups = _groups(x.shape, g.shape)
+  if groups < 1 or g.shape[0] != groups * x.shape[0]:
+    raise ValueError(f"kernel gradient: the output gradient's batch {g.shape[0]} must "
+                     f"be a positive multiple of the images' {x.shape[0]}")
+  return jax.core.ShapedArray((*kernel_hw, x.shape[3], groups * g.shape[3]), jnp.float32)
+
+
+# The kernel gradient takes `groups` output gradients of the same images,
+# stacked along the batch ([groups * B, oh, ow, n]), and gives their kernel
+# gradients side by side along the output channels (column k * n + j for
+# channel j of group k): what vmap over the output gradient makes of it,
+# with no transposed copy of the gradients.
+
+def _groups(x_shape, g_shape) -> int:
+  return g_shape[0] // x_shape[0] if x_shape[0] else 1
+
+
+def _channels_last(stacked, axis):
+  """[groups, ...] to the groups merged, outer, into axis ``axis`` (of the
+  unstacked value), which is the last axis."""
+  moved = jnp.moveaxis(stacked, 0, axis)
+  return moved.reshape(*moved.shape[:axis], -1)
+
+
+def _groups_into_batch(value, groups):
+  """[B, oh, ow, groups * n] to [groups * B, oh, ow, n]."""
+  b, h, w, c = value.shape
+  return jnp.moveaxis(value.reshape(b, h, w, groups, c // groups), 3, 0).reshape(
+      groups * b, h, w, c // groups)
+
+
+def _groups_into_channels(value, groups):
+  """[groups * B, oh, ow, n] to [B, oh, ow, groups * n]."""
+  return _channels_last(value.reshape(groups, value.shape[0] // groups, *value.shape[1:]), 3)
 
 
 # The kernels take their weight rows padded to whole vectors, and the kernel
@@ -172,16 +209,21 @@ def _cpu_input_gradient(g, w, *, strides, padding, precision, input_hw):
 
 
 def _cpu_kernel_gradient(x, g, *, strides, padding, precision, kernel_hw):
-  shape = (*kernel_hw, x.shape[3], g.shape[3])
+  groups = _groups(x.shape, g.shape)
+  shape = (*kernel_hw, x.shape[3], groups * g.shape[3])
   if 0 in shape or 0 in g.shape:
     return jnp.zeros(shape, jnp.float32)
-  wide = _round_up(g.shape[3])
+  if groups > 1 and g.shape[3] % _ROW_MULTIPLE:
+    # The kernel reads whole vectors of one group's channels; these take
+    # the same columns as one gradient with the groups' channels side by side.
+    g = _groups_into_channels(g, groups)
+  wide = _round_up(shape[3])
   # Each thread sums its pixels into a slot of its own, up to the threads
   # and to _SLOTS_BYTES of slots.
   slots = max(1, min(_threads(), _SLOTS_BYTES // (4 * int(np.prod(shape[:3])) * wide)))
   out = _kernel_call(native.CONVOLUTION_KERNEL_GRADIENT, (slots, *shape[:3], wide), x, g,
                      strides, padding)
-  return out[0, ..., :g.shape[3]]
+  return out[0, ..., :shape[3]]
 
 
 def _primitive(name, abstract, cpu, portable):
@@ -242,11 +284,16 @@ def _input_gradient_rhs(ct, g, w, *, input_hw, **params):
 
 
 def _kernel_gradient_lhs(ct, x, g, *, kernel_hw, **params):
+  groups = _groups(_shape(x), _shape(g))
+  if groups > 1:
+    g = _groups_into_channels(g, groups)
   return _input_gradient_p.bind(g, ct, input_hw=tuple(_shape(x)[1:3]), **params)
 
 
 def _kernel_gradient_rhs(ct, x, g, *, kernel_hw, **params):
-  return _forward_p.bind(x, ct, **params)
+  groups = _groups(_shape(x), _shape(g))
+  out = _forward_p.bind(x, ct, **params)
+  return _groups_into_batch(out, groups) if groups > 1 else out
 
 
 ad.defbilinear(_forward_p, _forward_lhs, _forward_rhs)
@@ -282,9 +329,9 @@ def _each(primitive, a, b, a_axis, b_axis, params):
   return lax.map(lambda ab: primitive.bind(*ab, **params), (a, b)), 0
 
 
-def _batcher(primitive, a_fold, b_fold):
-  """A batching rule folding a mapped first operand into its axis ``a_fold``
-  (out axis ``a_fold[1]``), a mapped second one into ``b_fold``."""
+def _folding(primitive, a_fold, b_fold):
+  """The batching rule folding a mapped first operand into its axis
+  ``a_fold[0]`` (out axis ``a_fold[1]``), a mapped second one into ``b_fold``."""
 
   def rule(args, axes, **params):
     (a, b), (a_axis, b_axis) = args, axes
@@ -298,13 +345,28 @@ def _batcher(primitive, a_fold, b_fold):
       out = primitive.bind(a, _fold(b, b_axis, into), **params)
     return _unfold(out, size, out_axis)
 
-  batching.primitive_batchers[primitive] = rule
+  return rule
 
 
 # (operand axis, output axis): conv(x, w): images into the batch, kernels
 # into the output channels; input_gradient(g, w): gradients into the batch,
 # kernels into the input channels; kernel_gradient(x, g): images into the
 # input channels, gradients into the output channels.
-_batcher(_forward_p, (0, 0), (3, 3))
-_batcher(_input_gradient_p, (0, 0), (2, 3))
-_batcher(_kernel_gradient_p, (3, 2), (3, 3))
+batching.primitive_batchers[_forward_p] = _folding(_forward_p, (0, 0), (3, 3))
+batching.primitive_batchers[_input_gradient_p] = _folding(_input_gradient_p, (0, 0), (2, 3))
+_fold_channels = _folding(_kernel_gradient_p, (3, 2), (3, 3))
+
+
+def _kernel_gradient_batcher(args, axes, **params):
+  """Mapped output gradients alone join the groups along the batch (a free
+  reshape where the mapped axis leads); otherwise the general rule."""
+  (x, g), (x_axis, g_axis) = args, axes
+  if x_axis is not None or g_axis is None:
+    return _fold_channels(args, axes, **params)
+  size = g.shape[g_axis]
+  g = jnp.moveaxis(g, g_axis, 0)
+  out = _kernel_gradient_p.bind(x, g.reshape(size * g.shape[1], *g.shape[2:]), **params)
+  return _unfold(out, size, 3)
+
+
+batching.primitive_batchers[_kernel_gradient_p] = _kernel_gradient_batcher

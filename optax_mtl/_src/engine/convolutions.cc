@@ -107,25 +107,26 @@ void GatherTile(const float* const* src, const float* const* weights, int64_t ta
   }
 }
 
-// acc[r][0 .. V lanes) += sum over pixels q of src[q][c0 + r] * grad[q][0 .. lanes),
-// for r < R, acc rows ldw floats apart; lanes = (V - 1) * kLanes + last (the
-// gradient rows may end there: Tail, a separate instance, so that the full
-// rows' loads stay in registers).
+// acc[r][v lanes] += sum over pixels q of src[q][c0 + r] * grad[q][offsets[v] +
+// (0 .. kLanes)], for r < R and v < V, acc rows ldw floats apart; the last
+// vector has `last` lanes (the gradient rows may end there: Tail, a separate
+// instance, so that the full rows' loads stay in registers).
 template <int R, int V, bool Tail>
 void ReduceTile(const float* const* src, int64_t c0, const float* const* grad,
-                int64_t pixels, float* acc_out, int64_t ldw, int64_t last) {
+                const int64_t* offsets, int64_t pixels, float* acc_out, int64_t ldw,
+                int64_t last) {
   Lane acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) std::memcpy(&acc[r][v], acc_out + r * ldw + v * kLanes,
                                             sizeof(Lane));
   for (int64_t q = 0; q < pixels; ++q) {
     Lane gv[V];
-    for (int v = 0; v + 1 < V; ++v) std::memcpy(&gv[v], grad[q] + v * kLanes, sizeof(Lane));
+    for (int v = 0; v + 1 < V; ++v) gv[v] = Load(grad[q] + offsets[v]);
     if (Tail) {
       gv[V - 1] = Lane{};
-      for (int64_t l = 0; l < last; ++l) gv[V - 1][l] = grad[q][(V - 1) * kLanes + l];
+      for (int64_t l = 0; l < last; ++l) gv[V - 1][l] = grad[q][offsets[V - 1] + l];
     } else {
-      std::memcpy(&gv[V - 1], grad[q] + (V - 1) * kLanes, sizeof(Lane));
+      gv[V - 1] = Load(grad[q] + offsets[V - 1]);
     }
     const float* s = src[q] + c0;
     for (int r = 0; r < R; ++r) {
@@ -140,8 +141,8 @@ void ReduceTile(const float* const* src, int64_t c0, const float* const* grad,
 
 using GatherFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, int64_t,
                           float* const*, int64_t);
-using ReduceFn = void (*)(const float* const*, int64_t, const float* const*, int64_t, float*,
-                          int64_t, int64_t);
+using ReduceFn = void (*)(const float* const*, int64_t, const float* const*, const int64_t*,
+                          int64_t, float*, int64_t, int64_t);
 
 template <int P, int... V>
 constexpr std::array<GatherFn, sizeof...(V)> GatherRow(std::integer_sequence<int, V...>) {
@@ -355,18 +356,24 @@ ffi::Error InputGradient(ffi::ThreadPool& pool, const Image& grad,
   return ffi::Error::Success();
 }
 
-// in [b, h, w, c]; grad [b, oh, ow, n]; out [parts, kh, kw, c,
-// n rounded up]. Part p sums its own pixels into out[p], chunk by chunk (a
-// chunk's rows stay in cache for every tap), and out[0] gets the total; the
-// caller sizes `parts` (the memory is XLA's) and fewer may be used.
+// in [b, h, w, c]; grad [groups * b, oh, ow, n], `groups` output gradients
+// of the same images one after another; out [parts, kh, kw, c, groups * n
+// rounded up], column g * n + j for channel j of group g. Part p sums its own
+// pixels into out[p], chunk by chunk (a chunk's rows stay in cache for every
+// tap and every group), and out[0] gets the total; the caller sizes `parts`
+// (the memory is XLA's) and fewer may be used.
 ffi::Error KernelGradient(ffi::ThreadPool& pool, const Image& in, const Image& grad,
                           ffi::Result<ffi::Buffer<ffi::F32>>& out_buffer, const Window& win) {
   const auto od = out_buffer->dimensions();
   if (od.size() != 5) return ffi::Error::InvalidArgument("kernel gradient: expected 5 dims");
   const int64_t slots = od[0], ldw = od[4], oh = grad.h, ow = grad.w;
-  if (slots < 1 || od[1] != win.kh || od[2] != win.kw || od[3] != in.c || grad.b != in.b ||
-      ldw != RoundUp(grad.c, kRowMultiple))
+  const int64_t groups = in.b > 0 ? grad.b / in.b : 0, columns = groups * grad.c;
+  // A vector of columns reads one group's gradient rows: whole vectors per group.
+  if (slots < 1 || od[1] != win.kh || od[2] != win.kw || od[3] != in.c || groups < 1 ||
+      grad.b != groups * in.b || ldw != RoundUp(columns, kRowMultiple) ||
+      (groups > 1 && grad.c % kLanes != 0))
     return ffi::Error::InvalidArgument("convolution kernel gradient: operand shapes do not match");
+  const int64_t group_stride = in.b * oh * ow * grad.c;
   float* out = out_buffer->typed_data();
   const int64_t size = win.kh * win.kw * in.c * ldw, count = in.b * oh * ow;
   const int64_t parts = std::min({optax_mtl::Parts(pool, count * size, kMacsPerPart), slots,
@@ -375,39 +382,47 @@ ffi::Error KernelGradient(ffi::ThreadPool& pool, const Image& in, const Image& g
   const std::vector<float> zeros(static_cast<size_t>(in.c), 0.0f);
   const int64_t per_part = RoundUp((count + parts - 1) / parts, kChunk);
   const int64_t block = kVectors * kLanes;
+  // Block of columns outermost: its slice of a part's sums, [kh, kw, c,
+  // block], stays in cache over the part's pixels however many columns
+  // there are (groups of gradients make many).
   optax_mtl::ParallelFor(pool, parts, [&](int64_t p) {
     float* acc = out + p * size;
     int64_t base[kChunk][3];  // (b, first input row, first input column) per pixel
     const float* sources[kChunk];
     const float* grads[kChunk];
-    for (int64_t q0 = p * per_part; q0 < std::min(count, (p + 1) * per_part); q0 += kChunk) {
-      const int64_t pixels = std::min(kChunk, count - q0);
-      for (int64_t q = 0; q < pixels; ++q) {
-        const int64_t index = q0 + q;
-        const int64_t x = index % ow, y = (index / ow) % oh;
-        base[q][0] = index / (ow * oh);
-        base[q][1] = y * win.stride_h - win.pad_top;
-        base[q][2] = x * win.stride_w - win.pad_left;
+    for (int64_t n0 = 0; n0 < columns; n0 += block) {
+      const int64_t n = std::min(block, columns - n0);
+      const int64_t vectors = (n + kLanes - 1) / kLanes;
+      const int64_t last = n - (vectors - 1) * kLanes;
+      int64_t offsets[kVectors];
+      for (int64_t v = 0; v < vectors; ++v) {
+        const int64_t column = n0 + v * kLanes;
+        offsets[v] = column / grad.c * group_stride + column % grad.c;
       }
-      for (int64_t i = 0; i < win.kh; ++i)
-        for (int64_t j = 0; j < win.kw; ++j) {
-          for (int64_t q = 0; q < pixels; ++q) {
-            const int64_t iy = base[q][1] + i, ix = base[q][2] + j;
-            sources[q] = in.inside(iy, ix) ? in.at(base[q][0], iy, ix) : zeros.data();
-          }
-          float* tap = acc + (i * win.kw + j) * in.c * ldw;
-          for (int64_t n0 = 0; n0 < grad.c; n0 += block) {
-            const int64_t n = std::min(block, grad.c - n0);
-            const int64_t vectors = (n + kLanes - 1) / kLanes;
-            const int64_t last = n - (vectors - 1) * kLanes;
-            for (int64_t q = 0; q < pixels; ++q) grads[q] = grad.data + (q0 + q) * grad.c + n0;
+      for (int64_t q0 = p * per_part; q0 < std::min(count, (p + 1) * per_part); q0 += kChunk) {
+        const int64_t pixels = std::min(kChunk, count - q0);
+        for (int64_t q = 0; q < pixels; ++q) {
+          const int64_t index = q0 + q;
+          const int64_t x = index % ow, y = (index / ow) % oh;
+          base[q][0] = index / (ow * oh);
+          base[q][1] = y * win.stride_h - win.pad_top;
+          base[q][2] = x * win.stride_w - win.pad_left;
+          grads[q] = grad.data + index * grad.c;
+        }
+        for (int64_t i = 0; i < win.kh; ++i)
+          for (int64_t j = 0; j < win.kw; ++j) {
+            for (int64_t q = 0; q < pixels; ++q) {
+              const int64_t iy = base[q][1] + i, ix = base[q][2] + j;
+              sources[q] = in.inside(iy, ix) ? in.at(base[q][0], iy, ix) : zeros.data();
+            }
+            float* tap = acc + (i * win.kw + j) * in.c * ldw + n0;
             for (int64_t c0 = 0; c0 < in.c; c0 += kPixels) {
               const int64_t rows = std::min<int64_t>(kPixels, in.c - c0);
-              kReduce[last != kLanes][rows - 1][vectors - 1](sources, c0, grads, pixels,
-                                                             tap + c0 * ldw + n0, ldw, last);
+              kReduce[last != kLanes][rows - 1][vectors - 1](
+                  sources, c0, grads, offsets, pixels, tap + c0 * ldw, ldw, last);
             }
           }
-        }
+      }
     }
   });
   for (int64_t p = 1; p < parts; ++p)
