@@ -333,13 +333,15 @@ ffi::Error InputGradient(ffi::ThreadPool& pool, const Image& grad,
         }
       const int64_t ny = (h - ph + win.stride_h - 1) / win.stride_h;
       const int64_t nx = (w - pw + win.stride_w - 1) / win.stride_w;
+      // The output pixel of a phase pixel's first tap is its own, shifted by
+      // an exact quotient (the phase's taps are the ones that divide).
+      const int64_t dy = (ph + win.pad_top - rows.first) / win.stride_h;
+      const int64_t dx = (pw + win.pad_left - cols.first) / win.stride_w;
       auto point = [&](const Pixel& q, const float** column, float** dst) {
         const int64_t x = pw + q.col * win.stride_w, y = ph + q.row * win.stride_h;
         const int64_t i = q.image;
         *dst = out + ((i * h + y) * w + x) * c;
-        // Exact divisions: the phase's taps are the ones that divide.
-        const int64_t oy0 = (y + win.pad_top - rows.first) / win.stride_h;
-        const int64_t ox0 = (x + win.pad_left - cols.first) / win.stride_w;
+        const int64_t oy0 = q.row + dy, ox0 = q.col + dx;
         for (int64_t a = 0, t = 0; a < rows.taps; ++a)
           for (int64_t e = 0; e < cols.taps; ++e, ++t) {
             const int64_t oy = oy0 - a, ox = ox0 - e;
@@ -401,13 +403,12 @@ ffi::Error KernelGradient(ffi::ThreadPool& pool, const Image& in, const Image& g
       }
       for (int64_t q0 = p * per_part; q0 < std::min(count, (p + 1) * per_part); q0 += kChunk) {
         const int64_t pixels = std::min(kChunk, count - q0);
-        for (int64_t q = 0; q < pixels; ++q) {
-          const int64_t index = q0 + q;
-          const int64_t x = index % ow, y = (index / ow) % oh;
-          base[q][0] = index / (ow * oh);
-          base[q][1] = y * win.stride_h - win.pad_top;
-          base[q][2] = x * win.stride_w - win.pad_left;
-          grads[q] = grad.data + index * grad.c;
+        Pixel pixel = Locate({oh, ow}, q0);
+        for (int64_t q = 0; q < pixels; ++q, Advance({oh, ow}, pixel)) {
+          base[q][0] = pixel.image;
+          base[q][1] = pixel.row * win.stride_h - win.pad_top;
+          base[q][2] = pixel.col * win.stride_w - win.pad_left;
+          grads[q] = grad.data + (q0 + q) * grad.c;
         }
         for (int64_t i = 0; i < win.kh; ++i)
           for (int64_t j = 0; j < win.kw; ++j) {
