@@ -258,3 +258,24 @@ def test_flax_convolutions_are_covered_and_paths_agree_with_the_accelerator_form
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
                                  atol=2e-6 * max(1.0, float(np.max(np.abs(b)))),
                                  err_msg=name)
+
+
+@pytest.mark.parametrize("channels", [5, 32])
+def test_stacked_kernel_gradients_on_every_lowering(channels):
+  # Three output gradients of the same images stacked along the batch give
+  # their kernel gradients side by side, on the CPU kernel (whole vectors of
+  # channels or not) and in the form other backends lower to.
+  x, k, strides, padding = _operands((2, 7, 6, 4, channels, 3, 3, (2, 1), ((1, 1), (0, 1))))
+  x = jnp.asarray(x)
+  out_shape = _xla(x, jnp.asarray(k), strides, padding).shape
+  g = jax.random.normal(jax.random.key(3), (3, *out_shape))
+  vjp = jax.vjp(lambda w: _xla(x, w, strides, padding), jnp.asarray(k))[1]
+  want = jax.vmap(lambda g: vjp(g)[0])(g)
+  want = jnp.moveaxis(want, 0, 3).reshape(*k.shape[:3], 3 * channels)
+  params = dict(strides=strides, padding=padding, precision=None, kernel_hw=k.shape[:2])
+  stacked = g.reshape(-1, *g.shape[2:])
+  cpu = jax.jit(lambda x, g: convolution._kernel_gradient_p.bind(x, g, **params))(x, stacked)
+  portable = jax.jit(lambda x, g: convolution._portable_kernel_gradient(x, g, **params))(
+      x, stacked)
+  for got in (cpu, portable):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))

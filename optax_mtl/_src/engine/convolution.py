@@ -8,8 +8,9 @@ bilinear, so that forward and reverse differentiation to any order stay
 among the three. On CPU all three run ``convolutions.cc`` (see
 ``native.py``), faster than XLA:CPU's convolutions at the sizes of a
 small convnet's layers with AVX or AVX-512 (``benchmarks/convolutions.py``),
-and the gradient paths use it there; on other backends they lower to the same ``lax`` convolutions JAX would emit, so an
-accelerator program is unchanged.
+and the gradient paths use it there; on other backends they lower to the
+same ``lax`` convolutions JAX would emit, so an accelerator program is
+unchanged.
 
 The gradient paths rewrite the convolutions of a loss function to this
 form when they differentiate it on CPU (``paths/canonical_convolutions``):

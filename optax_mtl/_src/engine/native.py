@@ -16,9 +16,9 @@ with the C++ compiler named by ``$CXX`` (default ``c++``), and cached under
 directory when that is not writable), keyed by the source, the compiler, the
 JAX version, the processor and the target: ``-march=native``, or
 ``-march=$OPTAX_MTL_MARCH`` where that is set (``x86-64-v3`` builds the AVX2
-form on a processor with AVX-512, for a cache shared with older machines). Without a compiler, or with
-``OPTAX_MTL_NATIVE=0``, the engine keeps its pure-JAX CPU form: same
-results, slower. :func:`status` says which is in use and why.
+form on a processor with AVX-512, for a cache shared with older machines).
+Without a compiler, or with ``OPTAX_MTL_NATIVE=0``, the engine keeps its
+pure-JAX CPU form: same results, slower. :func:`status` says which is in use and why.
 """
 
 from __future__ import annotations
