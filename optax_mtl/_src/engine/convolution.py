@@ -332,7 +332,8 @@ def _each(primitive, a, b, a_axis, b_axis, params):
 
 def _folding(primitive, a_fold, b_fold):
   """The batching rule folding a mapped first operand into its axis
-  ``a_fold[0]`` (out axis ``a_fold[1]``), a mapped second one into ``b_fold``."""
+  ``a_fold[0]`` (out axis ``a_fold[1]``), a mapped second one into ``b_fold``
+  (None where another rule takes a mapped second operand alone)."""
 
   def rule(args, axes, **params):
     (a, b), (a_axis, b_axis) = args, axes
@@ -352,10 +353,10 @@ def _folding(primitive, a_fold, b_fold):
 # (operand axis, output axis): conv(x, w): images into the batch, kernels
 # into the output channels; input_gradient(g, w): gradients into the batch,
 # kernels into the input channels; kernel_gradient(x, g): images into the
-# input channels, gradients into the output channels.
+# input channels (its output gradients alone join its groups, below).
 batching.primitive_batchers[_forward_p] = _folding(_forward_p, (0, 0), (3, 3))
 batching.primitive_batchers[_input_gradient_p] = _folding(_input_gradient_p, (0, 0), (2, 3))
-_fold_channels = _folding(_kernel_gradient_p, (3, 2), (3, 3))
+_fold_images = _folding(_kernel_gradient_p, (3, 2), None)
 
 
 def _kernel_gradient_batcher(args, axes, **params):
@@ -363,7 +364,7 @@ def _kernel_gradient_batcher(args, axes, **params):
   reshape where the mapped axis leads); otherwise the general rule."""
   (x, g), (x_axis, g_axis) = args, axes
   if x_axis is not None or g_axis is None:
-    return _fold_channels(args, axes, **params)
+    return _fold_images(args, axes, **params)
   size = g.shape[g_axis]
   g = jnp.moveaxis(g, g_axis, 0)
   out = _kernel_gradient_p.bind(x, g.reshape(size * g.shape[1], *g.shape[2:]), **params)
