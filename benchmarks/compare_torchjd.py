@@ -466,13 +466,6 @@ TORCH_WEIGHTINGS = {"mean": lambda: tjd.MeanWeighting(), "mgda": lambda: tjd.MGD
                     "upgrad": lambda: tjd.UPGradWeighting()}
 
 
-def _same_padding(size: int, stride: int) -> tuple[int, int, int]:
-  """XLA's 'SAME' padding of a 3x3 window: (low, high, output size)."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + 3 - size, 0)
-  return total // 2, total - total // 2, out
-
-
 class TorchNet(NamedTuple):
   """A torch copy of a JAX model: trunk, heads and the layers holding weights."""
   trunk: Any
@@ -494,20 +487,20 @@ def torch_net(setting: Setting, params) -> TorchNet:
       modules += [linear, nn.ReLU()]
       layers.append(linear)
   else:
-    size, previous = setting.image, None
-    for layer in params["trunk"]:
+    size = setting.image
+    widths = [layer["w"].shape[3] for layer in params["trunk"]]
+    for layer, stride in zip(params["trunk"], models.cnn_strides(widths)):
       w = np.asarray(layer["w"])
       c_in, c_out = w.shape[2], w.shape[3]
-      # models.cnn_features: stride 2 where the width grows.
-      stride = 2 if previous is not None and c_out > previous else 1
-      low, high, size = _same_padding(size, stride)
+      # XLA's 'SAME' padding, which models.cnn_features uses.
+      ((low, high),) = jax.lax.padtype_to_pads((size,), (3,), (stride,), "SAME")
+      size = -(-size // stride)
       conv = nn.Conv2d(c_in, c_out, 3, stride=stride)
       with torch.no_grad():
         conv.weight.copy_(torch.tensor(w.transpose(3, 2, 0, 1)))
         conv.bias.copy_(torch.tensor(np.asarray(layer["b"])))
       modules += [nn.ZeroPad2d((low, high, low, high)), conv, nn.ReLU()]
       layers.append(conv)
-      previous = c_out
     modules += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # global average pooling
   heads_w = np.asarray(params["heads"]["w"])
   heads = nn.Linear(heads_w.shape[0], heads_w.shape[1])

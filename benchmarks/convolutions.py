@@ -81,10 +81,8 @@ class Layer(NamedTuple):
 
   @property
   def padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
-    # XLA's 'SAME' for a 3x3 window: the smaller half low.
-    total = max((self.out_size - 1) * self.stride + 3 - self.size, 0)
-    pair = (total // 2, total - total // 2)
-    return (pair, pair)
+    pads = jax.lax.padtype_to_pads((self.size,) * 2, (3, 3), (self.stride,) * 2, "SAME")
+    return tuple(tuple(pad) for pad in pads)
 
   @property
   def out_size(self) -> int:
@@ -96,13 +94,12 @@ class Layer(NamedTuple):
 
 
 def layers(size: Size) -> list[Layer]:
-  """The CNN's layers, as ``models.cnn_features`` strides them."""
-  out, spatial, previous = [], size.image, None
-  for c_in, c_out in zip((3,) + size.widths[:-1], size.widths):
-    stride = 2 if previous is not None and c_out > previous else 1
-    layer = Layer(spatial, c_in, c_out, stride)
-    out.append(layer)
-    spatial, previous = layer.out_size, c_out
+  """The CNN's layers, strided as ``models.cnn_features`` strides them."""
+  out, spatial = [], size.image
+  for c_in, c_out, stride in zip((3,) + size.widths[:-1], size.widths,
+                                 models.cnn_strides(size.widths)):
+    out.append(Layer(spatial, c_in, c_out, stride))
+    spatial = out[-1].out_size
   return out
 
 

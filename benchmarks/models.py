@@ -129,22 +129,24 @@ def cnn_init(key, num_tasks: int, in_channels: int = 3,
   return {"trunk": trunk, "heads": _heads_init(rng, widths[-1], num_tasks)}
 
 
+def cnn_strides(widths: Sequence[int]) -> tuple[int, ...]:
+  """Each layer's stride: 2 where the width grows from the previous layer's
+  (ResNet halves the resolution where a stage widens the features), else 1."""
+  return tuple(2 if i > 0 and w > widths[i - 1] else 1 for i, w in enumerate(widths))
+
+
 def cnn_features(trunk: Params, x: jax.Array) -> jax.Array:
   """Shared features of the CNN: [B, H, W, C_in] images to [B, widths[-1]]."""
   if x.ndim != 4 or x.shape[-1] != trunk[0]["w"].shape[2]:
     raise ValueError(f"x must be NHWC images [batch, height, width, "
                      f"{trunk[0]['w'].shape[2]}], got shape {x.shape}.")
   h = x
-  previous = None
-  for layer in trunk:
-    c_out = layer["w"].shape[-1]
-    # ResNet halves the resolution where a stage widens the features.
-    stride = 2 if previous is not None and c_out > previous else 1
+  strides = cnn_strides([layer["w"].shape[-1] for layer in trunk])
+  for layer, stride in zip(trunk, strides):
     h = jax.lax.conv_general_dilated(
         h, layer["w"], window_strides=(stride, stride), padding="SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = jax.nn.relu(h + layer["b"][None, None, None, :])
-    previous = c_out
   return jnp.mean(h, axis=(1, 2))
 
 

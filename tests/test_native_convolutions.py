@@ -260,12 +260,15 @@ def test_flax_convolutions_are_covered_and_paths_agree_with_the_accelerator_form
                                  err_msg=name)
 
 
-@pytest.mark.parametrize("channels", [5, 32])
-def test_stacked_kernel_gradients_on_every_lowering(channels):
+# Output channels in whole vectors or not; 200 input channels make the
+# kernel sum its columns in several panels.
+@pytest.mark.parametrize("inputs,channels", [(4, 5), (4, 32), (200, 32)])
+def test_stacked_kernel_gradients_on_every_lowering(inputs, channels):
   # Three output gradients of the same images stacked along the batch give
-  # their kernel gradients side by side, on the CPU kernel (whole vectors of
-  # channels or not) and in the form other backends lower to.
-  x, k, strides, padding = _operands((2, 7, 6, 4, channels, 3, 3, (2, 1), ((1, 1), (0, 1))))
+  # their kernel gradients side by side, on the CPU kernel and in the form
+  # other backends lower to.
+  x, k, strides, padding = _operands((2, 7, 6, inputs, channels, 3, 3, (2, 1),
+                                      ((1, 1), (0, 1))))
   x = jnp.asarray(x)
   out_shape = _xla(x, jnp.asarray(k), strides, padding).shape
   g = jax.random.normal(jax.random.key(3), (3, *out_shape))

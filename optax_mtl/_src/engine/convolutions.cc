@@ -10,8 +10,9 @@
 // layers. Here each is a register-blocked product: a tile of output pixels
 // by a few vectors of output channels stays in registers while the kernel
 // taps and channels are summed. Each pixel's taps are pointers, set once per
-// chunk of pixels, to the input rows they read, or to a row of zeros outside the image
-// (the padding): no bounds checks in the inner loop, and no padded copy.
+// chunk of pixels, to the input rows they read, or to a row of zeros outside
+// the image (the padding): no bounds checks in the inner loop, and no padded
+// copy.
 //
 // The input gradient is a convolution of the output gradient with the
 // transposed kernel, run separately for each phase of the stride (the input
@@ -58,6 +59,9 @@ constexpr int kVectors = 3;
 // Pixels per unit of work, whole tiles: its input rows stay in cache while
 // every block of output channels is computed.
 constexpr int64_t kChunk = 10 * kPixels;
+// Floats of kernel-gradient sums a thread keeps in cache while it runs over
+// its pixels (a quarter of a megabyte).
+constexpr int64_t kPanelFloats = int64_t{1} << 16;
 // Multiply-adds per thread below which a call is not split further.
 constexpr int64_t kMacsPerPart = int64_t{1} << 21;
 
@@ -361,9 +365,10 @@ ffi::Error InputGradient(ffi::ThreadPool& pool, const Image& grad,
 // in [b, h, w, c]; grad [groups * b, oh, ow, n], `groups` output gradients
 // of the same images one after another; out [parts, kh, kw, c, groups * n
 // rounded up], column g * n + j for channel j of group g. Part p sums its own
-// pixels into out[p], chunk by chunk (a chunk's rows stay in cache for every
-// tap and every group), and out[0] gets the total; the caller sizes `parts`
-// (the memory is XLA's) and fewer may be used.
+// pixels into out[p], panel by panel of columns and chunk by chunk of pixels
+// (a chunk's rows stay in cache for every tap and every column of the
+// panel), and out[0] gets the total; the caller sizes `parts` (the memory is
+// XLA's) and fewer may be used.
 ffi::Error KernelGradient(ffi::ThreadPool& pool, const Image& in, const Image& grad,
                           ffi::Result<ffi::Buffer<ffi::F32>>& out_buffer, const Window& win) {
   const auto od = out_buffer->dimensions();
@@ -384,23 +389,17 @@ ffi::Error KernelGradient(ffi::ThreadPool& pool, const Image& in, const Image& g
   const std::vector<float> zeros(static_cast<size_t>(in.c), 0.0f);
   const int64_t per_part = RoundUp((count + parts - 1) / parts, kChunk);
   const int64_t block = kVectors * kLanes;
-  // Block of columns outermost: its slice of a part's sums, [kh, kw, c,
-  // block], stays in cache over the part's pixels however many columns
-  // there are (groups of gradients make many).
+  // Columns in panels whose slice of a part's sums, [kh, kw, c, panel],
+  // stays in cache over the part's pixels (groups of gradients make many
+  // columns); each chunk's taps are located once per panel.
+  const int64_t panel = std::max(block, kPanelFloats / (win.kh * win.kw * in.c) / block * block);
   optax_mtl::ParallelFor(pool, parts, [&](int64_t p) {
     float* acc = out + p * size;
     int64_t base[kChunk][3];  // (b, first input row, first input column) per pixel
     const float* sources[kChunk];
     const float* grads[kChunk];
-    for (int64_t n0 = 0; n0 < columns; n0 += block) {
-      const int64_t n = std::min(block, columns - n0);
-      const int64_t vectors = (n + kLanes - 1) / kLanes;
-      const int64_t last = n - (vectors - 1) * kLanes;
-      int64_t offsets[kVectors];
-      for (int64_t v = 0; v < vectors; ++v) {
-        const int64_t column = n0 + v * kLanes;
-        offsets[v] = column / grad.c * group_stride + column % grad.c;
-      }
+    for (int64_t p0 = 0; p0 < columns; p0 += panel) {
+      const int64_t p1 = std::min(columns, p0 + panel);
       for (int64_t q0 = p * per_part; q0 < std::min(count, (p + 1) * per_part); q0 += kChunk) {
         const int64_t pixels = std::min(kChunk, count - q0);
         Pixel pixel = Locate({oh, ow}, q0);
@@ -416,11 +415,21 @@ ffi::Error KernelGradient(ffi::ThreadPool& pool, const Image& in, const Image& g
               const int64_t iy = base[q][1] + i, ix = base[q][2] + j;
               sources[q] = in.inside(iy, ix) ? in.at(base[q][0], iy, ix) : zeros.data();
             }
-            float* tap = acc + (i * win.kw + j) * in.c * ldw + n0;
-            for (int64_t c0 = 0; c0 < in.c; c0 += kPixels) {
-              const int64_t rows = std::min<int64_t>(kPixels, in.c - c0);
-              kReduce[last != kLanes][rows - 1][vectors - 1](
-                  sources, c0, grads, offsets, pixels, tap + c0 * ldw, ldw, last);
+            float* tap = acc + (i * win.kw + j) * in.c * ldw;
+            for (int64_t n0 = p0; n0 < p1; n0 += block) {
+              const int64_t n = std::min(block, p1 - n0);
+              const int64_t vectors = (n + kLanes - 1) / kLanes;
+              const int64_t last = n - (vectors - 1) * kLanes;
+              int64_t offsets[kVectors];
+              for (int64_t v = 0; v < vectors; ++v) {
+                const int64_t column = n0 + v * kLanes;
+                offsets[v] = column / grad.c * group_stride + column % grad.c;
+              }
+              for (int64_t c0 = 0; c0 < in.c; c0 += kPixels) {
+                const int64_t rows = std::min<int64_t>(kPixels, in.c - c0);
+                kReduce[last != kLanes][rows - 1][vectors - 1](
+                    sources, c0, grads, offsets, pixels, tap + c0 * ldw + n0, ldw, last);
+              }
             }
           }
       }
