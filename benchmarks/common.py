@@ -106,9 +106,7 @@ def cpu_name() -> str:
 
 def write_report(out: str, stem: str, report: dict, text: str) -> None:
   """``out/stem.json`` (compact) and ``out/stem.md``; says where they went."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, f"{stem}.json"), "w") as f:
-    f.write(json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n")
+  write_json(os.path.join(out, f"{stem}.json"), report, compact=True)
   write_text(os.path.join(out, f"{stem}.md"), text)
   print(f"wrote {os.path.join(out, stem)}.json and .md")
 

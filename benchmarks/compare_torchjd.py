@@ -993,12 +993,9 @@ def main(argv=None):
           f"{n} {r['optax_mtl_ms']:.1f}/{r['torchjd_ms']:.1f} ms ({r['ratio']:.2f}x)"
           for n, r in case["rows"].items()), flush=True)
 
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"{stem}.json").write_text(
-      json.dumps(report, separators=(",", ":"), allow_nan=False) + "\n")
-  (out / f"{stem}.md").write_text(markdown(report, f"{stem}.png"))
+  common.write_report(str(out), stem, report, markdown(report, f"{stem}.png"))
   plot(report, out / f"{stem}.png")
-  print(f"wrote {out / stem}.json, .md and .png")
+  print(f"wrote {out / stem}.png")
   return report
 
 
