@@ -128,10 +128,12 @@ def test_engine_under_jit_with_sharded_leaves(axis_type, sharded_axis):
     assert u["w"].sharding.spec[0] == "d"
 
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 
 @settings(max_examples=10, deadline=None)
+# Squared norms near 1e38: their float32 reciprocal is subnormal.
+@example(num_tasks=2, shapes=[[2]], log_scale=18.5, seed=0)
 @given(num_tasks=st.integers(1, 5),
        shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3),
                        min_size=1, max_size=4),

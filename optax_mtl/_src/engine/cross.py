@@ -173,14 +173,14 @@ def _cross_gramian(a_leaves, b_leaves, selected) -> CrossGramian:
   pairs = [(a, b) for a, b, s in zip(a_leaves, b_leaves, selected) if s]
   num_tasks = a_leaves[0].shape[0]
   dtype = statistics.accumulation_dtype(a_leaves + b_leaves)
-  tiny = statistics.TINY_SQUARED_NORM[dtype]
   raw = _raw(pairs, num_tasks, dtype, (None, None))
 
   if pairs:
     cross, first_sq, second_sq = raw
     bad = (~jnp.all(jnp.isfinite(cross)) | ~jnp.all(jnp.isfinite(first_sq))
            | ~jnp.all(jnp.isfinite(second_sq))
-           | (jnp.max(first_sq) < tiny) | (jnp.max(second_sq) < tiny))
+           | statistics.out_of_range(jnp.max(first_sq), dtype)
+           | statistics.out_of_range(jnp.max(second_sq), dtype))
   else:
     bad = jnp.zeros((), bool)
 

@@ -67,6 +67,18 @@ class Gramian(NamedTuple):
 # to underflow; float64 gradients have their own bound.
 TINY_SQUARED_NORM = {jnp.dtype(jnp.float32): 1e-30,
                       jnp.dtype(jnp.float64): 1e-290}
+# Above this one, its reciprocal (XLA divides by a scalar as a product with
+# it) is subnormal, which the CPU flushes to zero: the normalised Gramian
+# would come out zero.
+HUGE_SQUARED_NORM = {jnp.dtype(jnp.float32): 1e30,
+                     jnp.dtype(jnp.float64): 1e290}
+
+
+def out_of_range(top: jax.Array, dtype) -> jax.Array:
+  """Whether a largest squared norm ``top`` needs the rescue pass: too small
+  or too large to normalise by in ``dtype``."""
+  dtype = jnp.dtype(dtype)
+  return (top < TINY_SQUARED_NORM[dtype]) | (top > HUGE_SQUARED_NORM[dtype])
 
 
 @custom_batching.custom_vmap
@@ -260,11 +272,10 @@ def task_statistics(task_grads: Any, requests: Sequence[Request]) -> list[Statis
 def _task_statistics(task_grads: Any, requests: tuple) -> list[Statistics]:
   leaves = jax.tree.leaves(task_grads)
   dtype = accumulation_dtype(leaves)
-  tiny = TINY_SQUARED_NORM[dtype]
   raws = _raw(leaves, requests, dtype, None)
   tops = [jnp.max(_diagonal(raw, r)) for raw, r in zip(raws, requests)]
   # A set with no leaves is zero by construction and needs no rescue.
-  bad = [(~jnp.all(jnp.isfinite(raw)) | (top < tiny)) if any(r.mask)
+  bad = [(~jnp.all(jnp.isfinite(raw)) | out_of_range(top, dtype)) if any(r.mask)
          else jnp.zeros((), bool) for raw, top, r in zip(raws, tops, requests)]
 
   def rescue(raws):

@@ -262,11 +262,11 @@ def _gramians(lin: _Linearized, sets: Sequence[tuple], chunk_size
   blocks, gradients = _all_at_once(lin, used, dtype)
   zero = jnp.zeros((num_tasks, num_tasks), dtype)
   raws = [sum((blocks[i] for i in used if s[i]), zero) for s in live]
-  tiny = statistics.TINY_SQUARED_NORM[dtype]
   # A zero matrix too: products of gradients below about 1e-19 (float32)
   # may have been flushed to zero.
   bad = jnp.any(jnp.stack([
-      ~jnp.all(jnp.isfinite(raw)) | (jnp.max(jnp.diagonal(raw)) < tiny) for raw in raws]))
+      ~jnp.all(jnp.isfinite(raw)) | statistics.out_of_range(jnp.max(jnp.diagonal(raw)), dtype)
+      for raw in raws]))
   grams = lax.cond(statistics.any_in_batch(bad),
                    lambda: _rescaled_gramians(lin, live, dtype),
                    lambda: [_from_raw(raw, dtype) for raw in raws])
